@@ -1,0 +1,2 @@
+"""cxrserve."""
+__version__ = "0.1.0"

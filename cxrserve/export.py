@@ -1,0 +1,213 @@
+"""Checkpoints -> TorchScript + ONNX components -> self-contained ``.mar`` archives.
+
+One interface for every model (TorchScript is deprecated upstream in favour of
+``torch.export``; keeping export behind these functions makes that swap local):
+
+1. :func:`export_component` loads a checkpoint, traces it to ``model.pt``, exports
+   ``model.onnx`` (opset 17, dynamic batch axis, TorchScript-based exporter), checks
+   both against eager on the same inputs (max |diff| on every output, probabilities
+   must agree to ``PARITY_ATOL``) and writes ``metadata.json`` + ``parity.json``.
+2. :func:`build_archive` stages the components, ``pipeline.json`` and a copy of the
+   ``cxrserve`` package, then calls torch-model-archiver's Python API with the
+   model's handler and ``model-config.yaml``. The archive needs no checkout of this
+   repository: the handler imports the bundled package first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .card import ModelCard
+from .checkpoint import load_model
+
+log = logging.getLogger(__name__)
+
+PARITY_ATOL = 1e-4
+FORMATS = ("torchscript", "onnx")
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+
+
+class ParityError(AssertionError):
+    pass
+
+
+def example_input(card: ModelCard, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A deterministic input in the card's documented value range."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = _value_range(card)
+    x = torch.rand(batch, card.channels, card.input_size, card.input_size, generator=g)
+    return x * (hi - lo) + lo
+
+
+def _value_range(card: ModelCard) -> tuple[float, float]:
+    from .transforms import PREPROCESSING
+
+    return PREPROCESSING[card.preprocessing].value_range
+
+
+class _TupleOutputs(torch.nn.Module):
+    """Make every output a tuple of tensors (ONNX and tracing want fixed structures)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        out = self.model(x)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, card: ModelCard) -> Path:
+    wrapped = _TupleOutputs(model).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(wrapped, example, check_trace=False)
+    # The card travels inside the program too (MONAI's save_net_with_metadata idea).
+    torch.jit.save(traced, str(path), _extra_files={"metadata.json": json.dumps(card.to_dict())})
+    return path
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    wrapped = _TupleOutputs(model).eval()
+    with torch.no_grad():
+        n_out = len(wrapped(example))
+    names = [f"output_{i}" for i in range(n_out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapped, (example,), str(path), dynamo=False, opset_version=17,
+            input_names=["input"], output_names=names,
+            dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+        )
+    return path
+
+
+def parity(model: torch.nn.Module, component_dir: Path, inputs: torch.Tensor,
+           formats: tuple[str, ...] = FORMATS) -> dict:
+    """Max absolute difference of every output, each exported format vs eager."""
+    from .runtime import OnnxRuntime, TorchRuntime
+
+    cpu = torch.device("cpu")
+    eager = TorchRuntime(_TupleOutputs(model), cpu)(inputs)
+    report = {}
+    for backend in formats:
+        if backend == "torchscript":
+            runtime = TorchRuntime(torch.jit.load(str(component_dir / "model.pt")), cpu, "torchscript")
+        else:
+            runtime = OnnxRuntime(component_dir / "model.onnx", cpu)
+        outs = runtime(inputs)
+        report[backend] = [float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(eager, outs)]
+    return report
+
+
+def export_component(checkpoint: str | Path, out_dir: str | Path, *, formats: tuple[str, ...] = FORMATS,
+                     atol: float = PARITY_ATOL, parity_batch: int = 3) -> Path:
+    """Export one checkpoint into ``out_dir``: ``model.pt`` and/or ``model.onnx``, card, parity.
+
+    Parity runs on a batch size the trace never saw, so a batch axis that is not
+    really dynamic fails here rather than in production.
+    """
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {formats}")
+    model, card = load_model(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    example = example_input(card, batch=2)
+    if "torchscript" in formats:
+        export_torchscript(model, example, out / "model.pt", card)
+    if "onnx" in formats:
+        export_onnx(model, example, out / "model.onnx")
+    report: dict = {"atol": atol, **parity(model, out, example_input(card, batch=parity_batch, seed=1), formats)}
+    worst = max(max(v) for k, v in report.items() if k != "atol")
+    report["max_abs_diff"] = worst
+    if worst > atol:
+        raise ParityError(f"{card.name}: exported outputs differ from eager by {worst:.2e} > {atol:.0e}")
+    card.save(out / "metadata.json")
+    (out / "parity.json").write_text(json.dumps(report, indent=2))
+    log.info("exported %s (%s) to %s, max |diff| vs eager %.1e", card.name, "+".join(formats), out, worst)
+    return out
+
+
+# --------------------------------------------------------------------------- archives
+@dataclass
+class ArchiveSpec:
+    """What goes into one served model's ``.mar``."""
+
+    name: str  # served name, e.g. "cxr-triage"
+    pipeline: str  # key in cxrserve.pipeline.PIPELINES (usually == name)
+    handler: Path  # handlers/<file>.py
+    components: dict[str, Path]  # component name -> exported folder
+    model_config: dict  # model-config.yaml contents
+    version: str = "0.1.0"
+    extra: dict[str, Path] | None = None  # further files/folders to ship (e.g. pools)
+
+
+def copy_package(dest: Path) -> Path:
+    """Copy the importable ``cxrserve`` package (sources and data, no caches)."""
+    target = dest / "cxrserve"
+    shutil.copytree(PACKAGE_DIR, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo"))
+    return target
+
+
+def build_archive(spec: ArchiveSpec, store: str | Path, *, force: bool = True) -> Path:
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+    from model_archiver.model_packaging import generate_model_archive
+
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"cxrserve-{spec.name}-") as tmp:
+        payload = Path(tmp) / "payload"
+        payload.mkdir()
+        copy_package(payload)
+        for name, folder in spec.components.items():
+            shutil.copytree(folder, payload / name)
+        for name, path in (spec.extra or {}).items():
+            (shutil.copytree if Path(path).is_dir() else shutil.copy2)(path, payload / name)
+        handler_cfg = dict(spec.model_config.get("handler", {}))
+        (payload / "pipeline.json").write_text(
+            json.dumps({"pipeline": spec.pipeline, "name": spec.name, "version": spec.version,
+                        "handler": handler_cfg}, indent=2)
+        )
+        config_path = Path(tmp) / "model-config.yaml"
+        config_path.write_text(yaml.safe_dump(spec.model_config, sort_keys=False))
+        config = ModelArchiverConfig(
+            model_name=spec.name, handler=str(spec.handler), version=spec.version,
+            extra_files=str(payload), export_path=str(store), force=force, config_file=str(config_path),
+            # Weights do not compress: storing skips minutes of deflate here and at load.
+            archive_format="zip-store",
+        )
+        # The archiver stages files in tempfile.gettempdir()/<model name> and deletes
+        # whatever is there first: point it at our private folder while it runs.
+        saved, tempfile.tempdir = tempfile.tempdir, tmp
+        try:
+            generate_model_archive(config)
+        finally:
+            tempfile.tempdir = saved
+    path = store / f"{spec.name}.mar"
+    log.info("built %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+    return path
+
+
+def unpack_archive(mar: str | Path, dest: str | Path) -> Path:
+    """Extract a ``.mar`` (a zip) safely: refuse entries that escape ``dest`` (ZipSlip)."""
+    import zipfile
+
+    dest = Path(dest).resolve()
+    with zipfile.ZipFile(mar) as zf:
+        for member in zf.namelist():
+            target = (dest / member).resolve()
+            if dest != target and dest not in target.parents:
+                raise ValueError(f"archive entry escapes the target folder: {member}")
+        zf.extractall(dest)
+    return dest

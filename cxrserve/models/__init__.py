@@ -1,0 +1,44 @@
+"""Model registry: ``build_model(card.architecture, **card.arch_kwargs)``.
+
+Each architecture lives in its own module and registers a factory under one name;
+a duplicate name is an error (torchvision's rule, not timm's warning). Every model's
+``forward`` returns what serving needs in one pass (probabilities, class activation
+maps, embeddings), so eager, TorchScript and ONNX give the same outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    def decorator(factory: Callable[..., nn.Module]):
+        if name in MODELS:
+            raise KeyError(f"model {name!r} registered twice")
+        MODELS[name] = factory
+        return factory
+
+    return decorator
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    _import_all()
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown architecture {name!r}; known: {sorted(MODELS)}") from None
+    return factory(**kwargs)
+
+
+def _import_all() -> None:
+    # Import lazily so `import cxrserve.models` stays cheap for clients.
+    from . import classifiers, unet  # noqa: F401
+    for optional in ("siamese", "xrv", "clip", "gate"):
+        try:
+            __import__(f"{__name__}.{optional}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{optional}":
+                raise

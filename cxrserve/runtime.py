@@ -1,0 +1,127 @@
+"""Inference backends behind one call: tensor batch in, tuple of numpy arrays out.
+
+* ``torchscript``: ``torch.jit.load`` on the worker's device (CPU or CUDA).
+* ``onnx``: ONNX Runtime; the CUDA provider is asked for only when the worker has a
+  GPU (asking on a CPU machine fails loudly), with the CPU provider as fallback.
+* ``eager``: a ``torch.nn.Module`` in memory (training, evaluation, tests).
+
+Handlers pick the backend from ``model-config.yaml`` (``backend:``), so an ops team can
+switch a model between TorchScript and ONNX Runtime without rebuilding code.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKEND_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 where the hardware runs it natively (training speed), else None (fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_bf16())):
+        return torch.bfloat16
+    return None
+
+
+def pick_device(gpu_id: int | None = None, want: str = "auto") -> torch.device:
+    """CUDA device ``gpu_id`` when asked for and present, else CPU."""
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{gpu_id or 0}")
+
+
+class Runtime:
+    """Callable ``runtime(batch) -> tuple[np.ndarray, ...]``."""
+
+    backend = "base"
+    device: torch.device
+
+    def __call__(self, batch: torch.Tensor) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def run_chunked(self, inputs: Sequence[torch.Tensor], max_batch: int = 16) -> list[tuple[np.ndarray, ...]]:
+        """Stack per-item tensors, run in chunks of ``max_batch``, split back per item."""
+        results: list[tuple[np.ndarray, ...]] = []
+        for start in range(0, len(inputs), max_batch):
+            outs = self(torch.stack(list(inputs[start : start + max_batch])))
+            for i in range(len(inputs[start : start + max_batch])):
+                results.append(tuple(o[i] for o in outs))
+        return results
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+class TorchRuntime(Runtime):
+    """Eager module or TorchScript program; both run under ``inference_mode``."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, backend: str = "eager"):
+        self.module = module.to(device).eval()
+        self.device = device
+        self.backend = backend
+
+    def __call__(self, batch: torch.Tensor) -> tuple[np.ndarray, ...]:
+        with torch.inference_mode():
+            outs = _as_tuple(self.module(batch.to(self.device, non_blocking=True)))
+        return tuple(o.float().cpu().numpy() for o in outs)
+
+
+class OnnxRuntime(Runtime):
+    backend = "onnx"
+
+    def __init__(self, path: str | Path, device: torch.device, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        providers: list = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            try:
+                ort.preload_dlls()  # finds the CUDA/cuDNN libraries pip installed
+            except Exception as err:  # older ORT or unusual layouts: the provider may still load
+                log.info("onnxruntime.preload_dlls failed: %s", err)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.device = device if "CUDAExecutionProvider" in self.session.get_providers() else torch.device("cpu")
+        if device.type == "cuda" and self.device.type == "cpu":
+            log.warning("ONNX Runtime CUDA provider unavailable; running %s on CPU", path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __call__(self, batch: torch.Tensor) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(None, {self.input_name: batch.detach().cpu().numpy()}))
+
+
+def load_runtime(model_dir: str | Path, backend: str, device: torch.device, threads: int = 0) -> Runtime:
+    """Load ``model.pt`` (TorchScript) or ``model.onnx`` from ``model_dir``."""
+    model_dir = Path(model_dir)
+    if backend not in BACKEND_FILES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKEND_FILES)}")
+    path = model_dir / BACKEND_FILES[backend]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: build the archive with `cxrserve export`")
+    if backend == "onnx":
+        return OnnxRuntime(path, device, threads)
+    return TorchRuntime(torch.jit.load(str(path), map_location=device), device, "torchscript")

@@ -1,0 +1,109 @@
+"""Start, stop and wait for a local TorchServe with the project's configuration.
+
+``start`` runs ``torchserve --start`` in the background from a working folder (where
+TorchServe writes ``key_file.json`` and ``logs/``), then returns once ``/ping`` is
+healthy and every archive in the store has a ready worker, or raises with the tail of
+the model log (TorchServe otherwise buries load failures there).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+DEFAULT_INFERENCE = "http://127.0.0.1:8080"
+DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
+
+
+def read_keys(key_file: str | Path) -> dict:
+    """``{"inference": ..., "management": ..., "api": ...}`` from TorchServe's key file."""
+    data = json.loads(Path(key_file).read_text())
+    return {kind.lower(): entry["key"] for kind, entry in data.items() if isinstance(entry, dict) and "key" in entry}
+
+
+def find_key_file(start: str | Path | None = None) -> Path | None:
+    """``$CXRSERVE_KEY_FILE``, else ``key_file.json`` in the folder or its parents."""
+    env = os.environ.get("CXRSERVE_KEY_FILE")
+    if env:
+        return Path(env)
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "key_file.json").exists():
+            return folder / "key_file.json"
+    return None
+
+
+def _torchserve() -> str:
+    exe = Path(sys.executable).parent / "torchserve"
+    return str(exe) if exe.exists() else (shutil.which("torchserve") or "torchserve")
+
+
+def _parse_properties(path: Path) -> dict:
+    props = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def start(config: str | Path = "config.properties", store: str | Path = "model_store", workdir: str | Path = ".",
+          timeout: float = 600, extra_env: dict | None = None) -> dict:
+    """Start TorchServe and wait until it serves; returns addresses and key-file path."""
+    config, store, workdir = Path(config).resolve(), Path(store).resolve(), Path(workdir).resolve()
+    archives = sorted(p.stem for p in store.glob("*.mar"))
+    if not archives:
+        raise FileNotFoundError(f"no .mar archives in {store}: run `make store` first")
+    props = _parse_properties(config)
+    inference = props.get("inference_address", DEFAULT_INFERENCE)
+    management = props.get("management_address", DEFAULT_MANAGEMENT)
+    env = {**os.environ, **(extra_env or {})}
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    cmd = [_torchserve(), "--start", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
+    subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    key_file = workdir / "key_file.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if key_file.exists() and _ready(inference, management, key_file, archives):
+            return {"inference": inference, "management": management, "key_file": str(key_file),
+                    "models": archives}
+        time.sleep(1.0)
+    tail = _log_tail(workdir / "logs" / "model_log.log")
+    raise TimeoutError(f"TorchServe did not get ready within {timeout:.0f} s. model_log.log ends:\n{tail}")
+
+
+def _ready(inference: str, management: str, key_file: Path, models: list[str]) -> bool:
+    try:
+        keys = read_keys(key_file)
+        ping = requests.get(f"{inference}/ping", headers={"Authorization": f"Bearer {keys['inference']}"}, timeout=2)
+        if ping.status_code != 200:
+            return False
+        auth = {"Authorization": f"Bearer {keys['management']}"}
+        for name in models:
+            r = requests.get(f"{management}/models/{name}", headers=auth, timeout=5)
+            if r.status_code != 200:
+                return False
+            workers = r.json()[0].get("workers", [])
+            if not any(w.get("status") == "READY" for w in workers):
+                return False
+        return True
+    except (requests.RequestException, ValueError, KeyError, json.JSONDecodeError):
+        return False
+
+
+def stop(workdir: str | Path = ".") -> None:
+    subprocess.run([_torchserve(), "--stop"], cwd=workdir, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return "(no model log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
