@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "stop"])
     p.add_argument("--config", default="config.properties")
     p.add_argument("--store", default="model_store")
-    p.add_argument("--workdir", default=".")
+    p.add_argument("--workdir", default=".torchserve", help="run folder: key_file.json, logs/, tmp/")
     p.add_argument("--timeout", type=float, default=600)
     p.set_defaults(func=cmd_serve)
 

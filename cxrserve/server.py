@@ -1,9 +1,13 @@
 """Start, stop and wait for a local TorchServe with the project's configuration.
 
-``start`` runs ``torchserve --start`` in the background from a working folder (where
+``start`` runs ``torchserve --start`` in the background from a run folder (where
 TorchServe writes ``key_file.json`` and ``logs/``), then returns once ``/ping`` is
 healthy and every archive in the store has a ready worker, or raises with the tail of
 the model log (TorchServe otherwise buries load failures there).
+
+TorchServe keeps its pid file in the temp folder, so two servers on one machine (a
+running service and a test run, say) would fight over it; each run folder therefore
+gets its own ``TMPDIR``, and ``stop`` must be given the same run folder.
 """
 from __future__ import annotations
 
@@ -64,8 +68,8 @@ def start(config: str | Path = "config.properties", store: str | Path = "model_s
     props = _parse_properties(config)
     inference = props.get("inference_address", DEFAULT_INFERENCE)
     management = props.get("management_address", DEFAULT_MANAGEMENT)
-    env = {**os.environ, **(extra_env or {})}
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(_tmpdir(workdir)), **(extra_env or {})}
     cmd = [_torchserve(), "--start", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
     subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     key_file = workdir / "key_file.json"
@@ -98,8 +102,15 @@ def _ready(inference: str, management: str, key_file: Path, models: list[str]) -
         return False
 
 
+def _tmpdir(workdir: Path) -> Path:
+    path = Path(workdir).resolve() / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def stop(workdir: str | Path = ".") -> None:
-    subprocess.run([_torchserve(), "--stop"], cwd=workdir, check=False,
+    env = {**os.environ, "TMPDIR": str(_tmpdir(Path(workdir)))}
+    subprocess.run([_torchserve(), "--stop"], cwd=workdir, env=env, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

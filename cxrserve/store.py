@@ -50,25 +50,32 @@ class StoreBuilder:
         self.device = device
 
     # ----------------------------------------------------------------- steps
-    def phantoms(self) -> dict[str, Path]:
+    def phantom_set(self, name: str) -> Path:
+        """Write phantom set ``name`` once: ``train``/``val`` or one under ``phantoms.sets``.
+
+        A set's ``options`` go to :func:`cxrserve.phantoms.write_dataset` (kinds,
+        studies_per_patient, min_extent, ...); the recipe's ``height``/``width`` apply to all.
+        """
         from .phantoms import write_dataset
 
         spec = self.recipe.get("phantoms", {})
-        out = {}
-        for part in ("train", "val"):
-            root = self.work / "phantoms" / part
-            cfg = spec.get(part, {})
-            if not (root / "labels.csv").exists():
-                t = time.time()
-                tmp = root.with_name(root.name + ".partial")
-                shutil.rmtree(tmp, ignore_errors=True)
-                write_dataset(tmp, cfg.get("n", 200), seed=cfg.get("seed", 0),
-                              height=spec.get("height", 384), width=spec.get("width", 384),
-                              progress=self.progress, **cfg.get("options", {}))
-                tmp.replace(root)
-                log.info("phantoms %s: %d images in %.0f s", part, cfg.get("n", 200), time.time() - t)
-            out[part] = root
-        return out
+        cfg = spec.get(name) if name in ("train", "val") else spec.get("sets", {}).get(name)
+        if cfg is None:
+            raise KeyError(f"phantom set {name!r} is not in the recipe")
+        root = self.work / "phantoms" / name
+        if not (root / "labels.csv").exists():
+            t = time.time()
+            tmp = root.with_name(root.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            options = {**spec.get("options", {}), **cfg.get("options", {})}
+            write_dataset(tmp, cfg.get("n", 200), seed=cfg.get("seed", 0), height=spec.get("height", 384),
+                          width=spec.get("width", 384), progress=self.progress, **options)
+            tmp.replace(root)
+            log.info("phantoms %s: %d images in %.0f s", name, cfg.get("n", 200), time.time() - t)
+        return root
+
+    def phantoms(self) -> dict[str, Path]:
+        return {part: self.phantom_set(part) for part in ("train", "val")}
 
     def checkpoint(self, name: str) -> Path:
         """Train component ``name`` on phantoms unless a checkpoint was given or exists."""
@@ -84,8 +91,7 @@ class StoreBuilder:
             return best
         task = get_task(cfg.pop("task"))
         depends = {arg: self.checkpoint(dep) for arg, dep in cfg.pop("depends", {}).items()}
-        data = self.phantoms()
-        records = load_records([data["train"], data["val"]])
+        records = load_records([self.phantom_set(part) for part in cfg.pop("data", ["train", "val"])])
         log.info("training demo component %s", name)
         task.train(records, out_dir=out, demo=True, version="0.1.0-demo", progress=self.progress,
                    device=self.device, resume=True, **depends, **cfg)
