@@ -28,12 +28,15 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from .card import ModelCard
-from .errors import CXRInputError, MalformedInput
+from .errors import CXRInputError, MalformedInput, NotFrontalCXR
 from .imageio import MAX_BYTES, MAX_PIXELS, XRay, check_frontal_chest_header, decode
 from .runtime import Runtime, load_runtime, pick_device
 from .transforms import build_transform
 
 log = logging.getLogger(__name__)
+
+#: Folder name of the input gate inside an archive (see :meth:`Pipeline.run_gate`).
+GATE_COMPONENT = "gate"
 
 
 # --------------------------------------------------------------------------- options
@@ -70,6 +73,7 @@ class Item:
     xray: XRay
     options: dict = field(default_factory=dict)
     images: dict[str, XRay] = field(default_factory=dict)  # e.g. {"prior": XRay}
+    gate: dict | None = None  # input gate verdict for the main image, set by Pipeline.predict
 
 
 @dataclass
@@ -132,7 +136,38 @@ class Pipeline:
         self.parts: dict[str, Component] = {}
         for name in self.components:
             self.parts[name] = self._load_component(name)
+        self.gate = self._load_gate()
         self.setup()
+
+    def _load_gate(self) -> Component | None:
+        """The archive's input gate (a ``gate`` component folder), if it ships one.
+
+        Every served pipeline screens with it; it is not in ``components`` because it
+        is shared by all models and optional for archives built before it existed.
+        """
+        if "gate" in self.components or not (self.model_dir / GATE_COMPONENT / "metadata.json").exists():
+            return self.parts.get("gate")
+        return self._load_component(GATE_COMPONENT)
+
+    @property
+    def gate_threshold(self) -> float:
+        """Accept when P(frontal CXR) >= this: ``handler: gate_threshold`` else the gate card's."""
+        if "gate_threshold" in self.config:
+            return float(self.config["gate_threshold"])
+        return float(self.gate.card.thresholds.get("accept", 0.5)) if self.gate else 0.0
+
+    @property
+    def gate_enforced(self) -> bool:
+        """Reject (422) below the threshold? ``handler: gate_enforce`` (true | false | auto).
+
+        ``auto`` (default) enforces a gate trained on real radiographs and only reports
+        the verdict of a demo gate: one trained on phantoms alone cannot judge real
+        films, and the demo models answer real films with a DEMO warning anyway.
+        """
+        value = self.config.get("gate_enforce", "auto")
+        if str(value).strip().lower() == "auto":
+            return self.gate is not None and not self.gate.card.demo
+        return parse_bool(value)
 
     def _load_component(self, name: str) -> Component:
         path = self.model_dir / name
@@ -162,12 +197,18 @@ class Pipeline:
                 if w not in seen:
                     warnings.append(w)
                     seen.add(w)
-        return {
+        response = {
             "model": self.name,
             "model_version": self.version,
             "warnings": warnings,
             "input": item.xray.info(),
         }
+        if item.gate is not None:
+            response["input_gate"] = dict(item.gate)
+            if item.gate["verdict"] != "frontal_cxr":
+                warnings.append(f"input gate ({'demo, ' if self.gate.card.demo else ''}not enforced): "
+                                f"{item.gate['verdict']} (score {item.gate['score']:.3f} < {item.gate['threshold']:g})")
+        return response
 
     def describe(self) -> dict:
         return {
@@ -178,6 +219,8 @@ class Pipeline:
             "device": str(self.device),
             "options": {k: {"default": o.default, "help": o.help} for k, o in self.OPTIONS.items()},
             "components": {k: p.card.to_dict() for k, p in self.parts.items()},
+            "input_gate": ({"threshold": self.gate_threshold, "card": self.gate.card.to_dict()}
+                           if self.gate is not None else None),
         }
 
     # ----------------------------------------------------------------- requests
@@ -227,6 +270,15 @@ class Pipeline:
                 todo.append(i)
             except CXRInputError as err:
                 results[i] = err
+        if todo and self.gate is not None:
+            verdicts = self.run_gate([items[i] for i in todo])
+            kept = []
+            for i, err in zip(todo, verdicts):
+                if err is None:
+                    kept.append(i)
+                else:
+                    results[i] = err
+            todo = kept
         if todo:
             outputs = self._predict([items[i] for i in todo])
             if len(outputs) != len(todo):
@@ -234,6 +286,45 @@ class Pipeline:
             for i, out in zip(todo, outputs):
                 results[i] = out
         return results  # type: ignore[return-value]
+
+    def run_gate(self, items: list[Item]) -> list[CXRInputError | None]:
+        """Score every image of ``items`` with the input gate in one pass.
+
+        Sets ``item.gate`` (verdict, score, threshold, enforced) for the main image and
+        returns, per item, ``None`` (accepted, or gate not enforced) or a 422
+        :class:`NotFrontalCXR` naming the image that failed (``image`` or an extra image
+        such as ``prior``).
+        """
+        gate, threshold, enforced = self.gate, self.gate_threshold, self.gate_enforced
+        labels = list(gate.card.labels)
+        transform = gate.transform()
+        keys = [(n, name, xray) for n, it in enumerate(items)
+                for name, xray in (("image", it.xray), *it.images.items())]
+        with self.timer.stage("preprocess_gate"):
+            inputs = [transform(xray.uint8) for _, _, xray in keys]
+        with self.timer.stage("model_gate"):
+            outputs = gate.runtime.run_chunked(inputs, self.limits.max_batch)
+        errors: list[CXRInputError | None] = [None] * len(items)
+        for (n, name, _), out in zip(keys, outputs):
+            probs = [float(p) for p in out[0]]
+            score = probs[labels.index("frontal_cxr")]
+            if score >= threshold:
+                verdict = "frontal_cxr"
+            else:
+                others = {label: p for label, p in zip(labels, probs) if label != "frontal_cxr"}
+                verdict = max(others, key=others.get)
+            report = {"verdict": verdict, "score": round(score, 4), "threshold": threshold, "enforced": enforced}
+            if name == "image":
+                items[n].gate = report
+            if enforced and verdict != "frontal_cxr" and errors[n] is None:
+                what = "the image" if name == "image" else f"the {name} image"
+                reason = ("looks photometrically inverted (bone dark, lungs bright): check the "
+                          "PhotometricInterpretation (MONOCHROME1/2) of the source"
+                          if verdict == "inverted_cxr" else "does not look like a frontal chest radiograph")
+                errors[n] = NotFrontalCXR(
+                    f"input gate: {what} {reason} (score {score:.3f} < threshold {threshold:g})",
+                    detail={"input_gate": report, "field": name})
+        return errors
 
     def _predict(self, items: list[Item]) -> list[dict | CXRInputError]:
         raise NotImplementedError

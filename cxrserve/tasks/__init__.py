@@ -14,6 +14,12 @@ from types import ModuleType
 TASKS = {
     "lungseg": "cxrserve.tasks.lungseg",
     "triage": "cxrserve.tasks.triage",
+    "severity": "cxrserve.tasks.severity",
+    "mortality": "cxrserve.tasks.mortality",
+    "gate": "cxrserve.tasks.gate",
+    "pxs_pretrain": "cxrserve.tasks.pxs_pretrain",
+    "pxs": "cxrserve.tasks.pxs",
+    "zeroshot": "cxrserve.tasks.zeroshot",
 }
 
 
