@@ -22,6 +22,8 @@ from pathlib import Path
 import requests
 
 DEFAULT_INFERENCE = "http://127.0.0.1:8080"
+#: TorchServe's logging with request bytes redacted from exception messages (see the file).
+LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 
 
@@ -71,6 +73,8 @@ def start(config: str | Path = "config.properties", store: str | Path = "model_s
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(_tmpdir(workdir)), **(extra_env or {})}
     cmd = [_torchserve(), "--start", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
+    if LOG_CONFIG.exists() and "log4j.configurationFile" not in config.read_text():
+        cmd += ["--log-config", str(LOG_CONFIG)]
     subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     key_file = workdir / "key_file.json"
     deadline = time.time() + timeout

@@ -143,12 +143,17 @@ class CXRHandler(BaseHandler):
         return responses
 
     def _emit_metrics(self, results) -> None:
+        """Stage timings, requests by status, gate rejections, score histograms (servemetrics)."""
+        from .servemetrics import batch_metrics, emit
+
         metrics = getattr(self.context, "metrics", None)
         timings = self.pipeline.timer.reset()
         if metrics is None:
             return
-        for stage, seconds in timings.items():
-            metrics.add_time(f"Stage_{stage}", seconds * 1000.0, None, "ms")
+        try:
+            emit(metrics, batch_metrics(results, timings))
+        except Exception:  # metrics must never fail a request that was answered
+            log.exception("could not emit metrics")
 
     def describe_handle(self) -> dict:
         return self.pipeline.describe()
