@@ -164,7 +164,7 @@ def _decode_raster(data: bytes, kind: str, max_pixels: int) -> XRay:
     except (PayloadTooLarge, MalformedInput):
         raise
     except Image.DecompressionBombError as err:
-        raise PayloadTooLarge(f"image is too large to decode safely: {err}") from err
+        raise PayloadTooLarge(f"image exceeds the {max_pixels / 1e6:.0f} Mpx limit: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MalformedInput(f"corrupt or truncated {kind.upper()} file: {err}") from err
 

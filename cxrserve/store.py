@@ -8,6 +8,7 @@ demo ones by pointing ``--checkpoint NAME=PATH`` at a checkpoint trained with
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -34,6 +35,17 @@ def resolve_model_config(config: dict) -> dict:
     if config.get("deviceType", "auto") == "auto":
         config["deviceType"] = "gpu" if torch.cuda.is_available() else "cpu"
     return config
+
+
+def _digest(sources: list[Path], files: list[Path], text: str) -> str:
+    """Content hash of source files, (size, mtime) of large artefacts, and extra text."""
+    h = hashlib.sha256(text.encode())
+    for path in sources:
+        h.update(str(path.name).encode() + path.read_bytes())
+    for path in files:
+        st = path.stat()
+        h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 class StoreBuilder:
@@ -138,19 +150,32 @@ class StoreBuilder:
             hook(folder, self)
 
     def archive(self, name: str) -> Path:
+        """Build ``<store>/<name>.mar`` unless one from the same inputs is already there.
+
+        The inputs are the package sources (the archive ships them), the handler, the
+        model config and every component file, hashed into a digest kept beside the
+        store, so editing code rebuilds the archives that carry it.
+        """
         spec = self.archives[name]
         mar = self.store / f"{name}.mar"
         components = {c: self.component(c) for c in spec["components"]}
-        newest = max((p / "metadata.json").stat().st_mtime for p in components.values())
-        if mar.exists() and mar.stat().st_mtime >= newest:
-            return mar
         config_path = self.archives_path.parent / "model-config" / f"{name}.yaml"
         model_config = resolve_model_config(_load_yaml(config_path))
-        return build_archive(
-            ArchiveSpec(name=name, pipeline=spec.get("pipeline", name), handler=REPO / spec["handler"],
+        handler = REPO / spec["handler"]
+        digest = _digest([*sorted((REPO / "cxrserve").rglob("*.py")), handler],
+                         [p for folder in components.values() for p in sorted(folder.rglob("*")) if p.is_file()],
+                         repr(sorted(model_config.items())) + repr(spec))
+        stamp = self.work / "archives" / f"{name}.digest"
+        if mar.exists() and stamp.exists() and stamp.read_text() == digest:
+            return mar
+        path = build_archive(
+            ArchiveSpec(name=name, pipeline=spec.get("pipeline", name), handler=handler,
                         components=components, model_config=model_config, version=spec.get("version", "0.1.0")),
             self.store,
         )
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(digest)
+        return path
 
     def build(self, only: Iterable[str] | None = None) -> list[Path]:
         names = list(only or self.archives)

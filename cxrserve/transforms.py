@@ -287,7 +287,7 @@ _register(Preprocessing(
     "chexzero", 1, 224, 3,
     lambda: Compose([ResizeLongSide(320), PadToSquare(320), Normalize(CHEXZERO_MEAN, CHEXZERO_STD),
                      Resize(224, cv2.INTER_CUBIC), RepeatChannels(3), ToTensor()]),
-    (-1.3, 1.9), "long side 320, zero pad 320, (x - 101.48761)/83.43944, bicubic 224, x3",
+    (-1.6, 2.2), "long side 320, zero pad 320, (x - 101.48761)/83.43944, bicubic 224 (may overshoot), x3",
 ))
 _register(Preprocessing(
     "mortality", 1, 224, 3,
