@@ -17,7 +17,7 @@ import yaml
 
 from . import __version__
 
-PLUGINS = ("cxrserve.pxs", "cxrserve.client", "cxrserve.batch", "cxrserve.ui", "cxrserve.bench")
+PLUGINS = ("cxrserve.pxs", "cxrserve.client", "cxrserve.batch", "cxrserve.ui", "cxrserve.bench", "cxrserve.xrv_import")
 
 
 def _kv(values: list[str] | None) -> dict[str, str]:
