@@ -76,24 +76,27 @@ def start(config: str | Path = "config.properties", store: str | Path = "model_s
     if LOG_CONFIG.exists() and "log4j.configurationFile" not in config.read_text():
         cmd += ["--log-config", str(LOG_CONFIG)]
     subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # With token authorization disabled (KServe's configuration) there is no key file.
+    tokens = props.get("disable_token_authorization", "false").strip().lower() != "true"
     key_file = workdir / "key_file.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if key_file.exists() and _ready(inference, management, key_file, archives):
-            return {"inference": inference, "management": management, "key_file": str(key_file),
+        if (key_file.exists() or not tokens) and _ready(inference, management, key_file if tokens else None, archives):
+            return {"inference": inference, "management": management, "key_file": str(key_file) if tokens else None,
                     "models": archives}
         time.sleep(1.0)
     tail = _log_tail(workdir / "logs" / "model_log.log")
     raise TimeoutError(f"TorchServe did not get ready within {timeout:.0f} s. model_log.log ends:\n{tail}")
 
 
-def _ready(inference: str, management: str, key_file: Path, models: list[str]) -> bool:
+def _ready(inference: str, management: str, key_file: Path | None, models: list[str]) -> bool:
     try:
-        keys = read_keys(key_file)
-        ping = requests.get(f"{inference}/ping", headers={"Authorization": f"Bearer {keys['inference']}"}, timeout=2)
+        keys = read_keys(key_file) if key_file is not None else {}
+        ping = requests.get(f"{inference}/ping", timeout=2,
+                            headers={"Authorization": f"Bearer {keys['inference']}"} if keys else {})
         if ping.status_code != 200:
             return False
-        auth = {"Authorization": f"Bearer {keys['management']}"}
+        auth = {"Authorization": f"Bearer {keys['management']}"} if keys else {}
         for name in models:
             r = requests.get(f"{management}/models/{name}", headers=auth, timeout=5)
             if r.status_code != 200:

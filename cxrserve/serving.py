@@ -116,6 +116,15 @@ class CXRHandler(BaseHandler):
                 if isinstance(k, str) and isinstance(v, str) and k.lower().startswith(HEADER_PREFIX)}
 
     def preprocess(self, requests: list[dict]) -> list[Item | CXRInputError]:
+        from . import kserve
+
+        if kserve.is_v2_batch(requests):
+            # service_envelope=kservev2: the entries are one study's named inputs.
+            try:
+                images, options = kserve.merge_v2_inputs(requests, self.pipeline.extra_images)
+                return [self.pipeline.make_item(images, {**self._header_options(0), **options})]
+            except CXRInputError as err:
+                return [err]
         items: list[Item | CXRInputError] = []
         for idx, request in enumerate(requests):
             try:

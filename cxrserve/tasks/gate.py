@@ -48,6 +48,8 @@ NON_FRONTAL_KINDS = {"lateral", "hand", "knee", "pelvis", "natural", "non_chest"
 def gate_label(record: Record) -> str:
     """``frontal_cxr`` or ``other`` from a record's kind / frontal flag (inversion is synthetic)."""
     kind = (record.extras.get("kind") or "").strip().lower()
+    if record.source == "dicom_samples" and "Fake_MONOCHROME1" in record.filename:
+        return INVERTED  # tag says MONOCHROME1 over MONOCHROME2 pixels: decodes as a negative
     if kind in NON_FRONTAL_KINDS or record.is_frontal is False or record.label in ("non_chest", "lateral"):
         return OTHER
     if record.extras.get("gate_label"):
@@ -104,7 +106,8 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 8, st
 
     torch.manual_seed(seed)
     records = list(records) + (load_records(list(extra_negatives)) if extra_negatives else [])
-    train_set, val_set = split(records, val_fraction, seed, stratify=lambda r: (r.source, gate_label(r)))
+    # Default stratification (source, label), so `cxrserve eval gate --split val` sees this very split.
+    train_set, val_set = split(records, val_fraction, seed)
     val_set = val_set[:max_val] if max_val else val_set
     if len({gate_label(r) for r in train_set}) < 2:
         raise ValueError("the gate needs frontal and non-frontal images to train on")
