@@ -16,9 +16,9 @@
 * **Retries** with exponential backoff on 503/507 (gRPC ``UNAVAILABLE`` /
   ``RESOURCE_EXHAUSTED``) and on connection errors only; a 4xx is an answer about the
   input and is never retried.
-* **Requests**: files go as the raw body (``Content-Type: application/octet-stream``:
-  never without one, or TorchServe's HTTP layer tries to parse the bytes as a form and
-  echoes them in its error) or as multipart when there is a ``prior``; options go as
+* **Requests**: files go as the raw body with ``Content-Type: application/octet-stream``
+  (labelled as a form, curl's default, TorchServe's HTTP layer parses the bytes as one
+  and echoes them in its error) or as multipart when there is a ``prior``; options go as
   ``X-CXR-<option>`` headers over REST and as input fields over gRPC, since TorchServe
   never passes query strings to handlers.
 
