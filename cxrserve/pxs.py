@@ -325,10 +325,12 @@ class PXSPipeline(Pipeline):
         self.pool.check_model(part.card)
         self.pool_embeddings = torch.from_numpy(self.pool.embeddings).to(self.device)
         self.pool_loo = torch.from_numpy(self.pool.loo_scores).to(self.device)
-        try:
-            self.change_threshold = float(part.card.thresholds["change_pxs_delta"])
-        except KeyError:
-            raise PoolError(f"{part.path}/metadata.json has no thresholds.change_pxs_delta") from None
+        # model-config.yaml's `handler: change_threshold` overrides the card (as gate_threshold does).
+        threshold = self.config.get("change_threshold", part.card.thresholds.get("change_pxs_delta"))
+        if threshold is None:
+            raise PoolError(f"{part.path}/metadata.json has no thresholds.change_pxs_delta "
+                            "(and model-config.yaml's handler block no change_threshold)")
+        self.change_threshold = float(threshold)
         self.transform = part.transform()
 
     def describe(self) -> dict:

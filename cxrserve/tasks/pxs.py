@@ -85,7 +85,9 @@ def severity(record: Record, target: str = "extent+opacity") -> float | None:
 
 
 def scored_records(records: Sequence[Record], target: str = "extent+opacity") -> list[Record]:
-    return [r for r in records if usable(r) and severity(r, target) is not None]
+    """Frontal films with a severity score: all 73 of ieee8023, including one child's film
+    (scored by the same raters; the adult-only rule is for stage 1's weak labels)."""
+    return [r for r in records if r.is_frontal is not False and severity(r, target) is not None]
 
 
 # --------------------------------------------------------------------------- losses
@@ -167,6 +169,15 @@ def _augmenter(augment: bool, seed: int):
 
 
 # --------------------------------------------------------------------------- stage 1
+def pretrain_records(records: Sequence[Record], exclude_scored: bool = True) -> list[Record]:
+    """Adult frontal films with a weak label; ``exclude_scored`` drops every patient who
+    has a severity-scored image anywhere in ``records`` (stage 2's held-out data).
+    Phantoms all carry scores, so the demo recipe turns it off."""
+    groups = patient_groups(records)
+    scored = {g for g, r in zip(groups, records) if r.geographic_extent is not None} if exclude_scored else set()
+    return [r for g, r in zip(groups, records) if g not in scored and usable(r) and weak_label(r) is not None]
+
+
 def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4, steps_per_epoch: int | None = None,
              batch_size: int = 8, lr: float = 3e-4, margin: float = 50.0, val_fraction: float = 0.15, seed: int = 0,
              patience: int = 3, exclude_scored: bool = True, augment: bool = True, max_val: int | None = 160,
@@ -174,16 +185,12 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
              progress: bool = True) -> Path:
     """Stage 1: contrastive pre-training on normal vs abnormal weak labels; returns best.ckpt.
 
-    ``exclude_scored`` leaves out every patient with a severity score (their images are
-    stage 2's evaluation set); phantoms all carry scores, so the demo recipe turns it off. The seed fine-tuned an ImageNet DenseNet at lr 2e-5;
-    nothing here downloads weights, so the trunk starts from scratch at a higher lr.
+    The seed fine-tuned an ImageNet DenseNet at lr 2e-5; nothing here downloads
+    weights, so the trunk starts from scratch at a higher lr. Records: see
+    :func:`pretrain_records`.
     """
     torch.manual_seed(seed)
-    usable_records = [r for r in records if usable(r) and weak_label(r) is not None]
-    if exclude_scored:
-        groups = patient_groups(usable_records)
-        scored_groups = {g for g, r in zip(groups, usable_records) if r.geographic_extent is not None}
-        usable_records = [r for g, r in zip(groups, usable_records) if g not in scored_groups]
+    usable_records = pretrain_records(records, exclude_scored)
     labels_all = {r.path: weak_label(r) for r in usable_records}
     if len(set(labels_all.values())) < 2:
         raise ValueError("stage 1 needs both normal and abnormal (COVID-19 / pneumonia) frontal images")
@@ -400,7 +407,7 @@ def evaluate(pipeline, records: Sequence[Record], *, n_boot: int = 2000) -> dict
     part = pipeline.parts["pxs"]
     card = part.card
     target = card.extra.get("target", "extent+opacity")
-    scored = [r for r in records if usable(r) and r.geographic_extent is not None and r.opacity is not None]
+    scored = [r for r in scored_records(records, "extent") if r.opacity is not None]
     report: dict = {"target": target, "pool": {"size": pipeline.pool.size, "version": pipeline.pool.version,
                                                 "source": pipeline.pool.provenance.get("source")}}
     holdout = card.extra.get("holdout")
@@ -439,8 +446,7 @@ def evaluate(pipeline, records: Sequence[Record], *, n_boot: int = 2000) -> dict
     a = np.array([p for p, _ in pairs], dtype=int)
     b = np.array([q for _, q in pairs], dtype=int)
     distance = np.linalg.norm(embeddings[b] - embeddings[a], axis=1) if pairs else np.zeros(0)
-    threshold = float(card.thresholds.get("change_pxs_delta", 1.0))
-    report["change"] = change_report(distance, pxs[b] - pxs[a], tgt[b] - tgt[a], threshold)
+    report["change"] = change_report(distance, pxs[b] - pxs[a], tgt[b] - tgt[a], pipeline.change_threshold)
     report["predictions"] = [
         {"file": r.relpath, "pxs": float(pxs[k]), "percentile": float(pct[k]),
          "extent": r.geographic_extent, "opacity": r.opacity, "label": r.label}
