@@ -132,7 +132,15 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIX
         )
     kind = sniff_format(data)
     if kind == "dicom":
-        return _decode_dicom(data, max_pixels)
+        try:
+            return _decode_dicom(data, max_pixels)
+        except (MalformedInput, PayloadTooLarge, UnsupportedFormat):
+            raise
+        except Exception as err:  # pydicom reads values lazily: corrupt ones raise many types, late
+            # Only the exception's type: pydicom's messages quote raw header bytes, which
+            # can hold the patient's name, and this message goes back in the response.
+            raise MalformedInput(f"corrupt DICOM file ({type(err).__name__}): a header element "
+                                 "cannot be read") from err
     return _decode_raster(data, kind, max_pixels)
 
 
@@ -216,7 +224,8 @@ def _read_dataset(data: bytes):
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, struct.error) as err:
-        raise MalformedInput(f"corrupt DICOM file: {err}") from err
+        # The type only: pydicom's messages may quote header values (patient identifiers).
+        raise MalformedInput(f"corrupt DICOM file ({type(err).__name__})") from err
     if not hasattr(ds, "file_meta") or "TransferSyntaxUID" not in ds.file_meta:
         # No file meta: the transfer syntax is whatever encoding the parser detected;
         # PS3.5 says such a stream is implicit VR little endian.
