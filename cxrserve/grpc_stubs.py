@@ -5,8 +5,8 @@ TorchServe ships its ``.proto`` files inside its frontend jar
 ``open_inference_grpc.proto``). Instead of committing generated code that could drift
 from the server, the stubs are generated with grpcio-tools on first use into a cache
 folder keyed by a hash of those protos, so upgrading TorchServe regenerates them and a
-fresh clone needs no build step. ``cxrserve grpc-stubs`` (also run by ``make install``
-on a fresh clone) does the generation ahead of time, e.g. for a read-only deployment.
+fresh clone needs no build step. ``python -m cxrserve.grpc_stubs`` generates them ahead
+of time (e.g. while building an image whose home folder will be read-only).
 
 Cache: ``$CXRSERVE_CACHE/grpc/<hash>`` (default ``~/.cache/cxrserve``). Generation
 writes to a temporary folder then renames it, so concurrent first uses are safe.
@@ -146,3 +146,7 @@ def load_stubs(cache: Path | None = None) -> Stubs:
             ("inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc")}
     _LOADED = Stubs(**mods, key=key, folder=folder)
     return _LOADED
+
+
+if __name__ == "__main__":
+    print(ensure_stubs())
