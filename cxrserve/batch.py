@@ -19,7 +19,7 @@ Guarantees:
   summary (counts, errors by kind, throughput) printed and saved as
   ``<out>.summary.json``.
 
-Backends: REST or gRPC through :class:`cxrserve.client.CXRClient`, or in-process through
+Backends: REST, gRPC or a KServe v2 endpoint through :class:`cxrserve.client.CXRClient`, or in-process through
 :func:`cxrserve.pipeline.load_pipeline` (same pipeline code as the TorchServe handlers,
 no server needed). The transient-failure policy: the client retries 503/507 and
 connection errors; on top, a request that still fails with a 5xx is tried again up to
@@ -424,7 +424,7 @@ def _rows(result) -> list[dict]:
 
 # --------------------------------------------------------------------------- CLI
 def cmd_batch(args) -> int:
-    from .client import CXRClient
+    from .client import CXRClient, protocol_of
 
     options = {}
     for text in args.option or []:
@@ -445,7 +445,7 @@ def cmd_batch(args) -> int:
         options = pipeline.parse_options(options)
         in_process = InProcessScorer(pipeline, options)
     else:
-        client = CXRClient(args.url, protocol="grpc" if args.grpc else "rest", token=args.token,
+        client = CXRClient(args.url, protocol=protocol_of(args), token=args.token,
                            key_file=args.key_file, management_url=args.management_url, timeout=args.timeout)
         scorer = RemoteScorer(client, args.model, options, attempts=args.attempts)
     from .client import AuthenticationError

@@ -46,6 +46,9 @@ DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
 #: REST statuses and gRPC codes that mean "busy or restarting: try again".
 RETRY_STATUSES = (503, 507)
 RETRY_GRPC_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+#: rest: TorchServe's /predictions API; grpc: its gRPC API; kserve: the Open Inference
+#: Protocol (v2) of a KServe InferenceService (deploy/kserve/).
+PROTOCOLS = ("rest", "grpc", "kserve")
 
 
 # --------------------------------------------------------------------------- errors
@@ -185,8 +188,8 @@ class CXRClient:
     def __init__(self, url: str | None = None, *, protocol: str = "rest", token: str | None = None,
                  key_file: str | Path | None = None, management_url: str | None = None,
                  timeout: float = 120.0, retries: int = 4, backoff: float = 0.5, model_version: str | None = None):
-        if protocol not in ("rest", "grpc"):
-            raise ValueError(f"protocol must be 'rest' or 'grpc', got {protocol!r}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.url = (url or (DEFAULT_GRPC if protocol == "grpc" else DEFAULT_REST)).rstrip("/")
         if protocol == "grpc" and "://" in self.url:
@@ -252,7 +255,7 @@ class CXRClient:
             files["prior"] = _read(prior)
         opts = {**(options or {}), **kw_options}
         version = version or self.model_version
-        call = self._predict_grpc if self.protocol == "grpc" else self._predict_rest
+        call = {"grpc": self._predict_grpc, "kserve": self._predict_kserve}.get(self.protocol, self._predict_rest)
         return self._with_retries(lambda: call(model, files, opts, version))
 
     def _with_retries(self, call):
@@ -290,6 +293,30 @@ class CXRClient:
         if r.status_code in RETRY_STATUSES:
             raise ServerUnavailable(f"{url}: HTTP {r.status_code}", status=r.status_code, code="unavailable")
         raise _error_from_body(r.status_code, r.text)
+
+    def _predict_kserve(self, model: str, files: dict[str, bytes], options: dict, version: str | None) -> dict:
+        from .kserve import v2_request, v2_response
+
+        url = f"{self.url}/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+        body = v2_request(files["image"], model_inputs={k: v for k, v in files.items() if k != "image"},
+                          options=options)
+        try:
+            r = self._session().post(url, json=body, headers=self.credentials.header(), timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as err:
+            raise ServerUnavailable(f"{url}: {type(err).__name__}", status=503, code="unavailable") from err
+        if r.status_code in RETRY_STATUSES:
+            raise ServerUnavailable(f"{url}: HTTP {r.status_code}", status=r.status_code, code="unavailable")
+        try:
+            result = v2_response(r.json())
+        except ValueError:
+            raise _error_from_body(r.status_code if r.status_code != 200 else 502, r.text) from None
+        if r.status_code == 200:
+            return result
+        if r.status_code == 401 or r.status_code == 403:
+            raise AuthenticationError(str(result)[:300], status=401, code="unauthenticated")
+        cls = InputRejected if 400 <= r.status_code < 500 else CXRServeError
+        raise cls(str(result.get("message", "")), status=r.status_code, code=str(result.get("error", "error")),
+                  body=result)
 
     def _predict_grpc(self, model: str, files: dict[str, bytes], options: dict, version: str | None) -> dict:
         import grpc
@@ -421,7 +448,7 @@ def cmd_predict(args) -> int:
             options[flag] = True
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    client = CXRClient(args.url, protocol="grpc" if args.grpc else "rest", token=args.token, key_file=args.key_file,
+    client = CXRClient(args.url, protocol=protocol_of(args), token=args.token, key_file=args.key_file,
                        management_url=args.management_url, timeout=args.timeout, model_version=args.version)
     if client.credentials.token is None:
         print("warning: no token given and no key_file.json found (set --key-file or CXRSERVE_KEY_FILE); "
@@ -464,9 +491,15 @@ def cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
+def protocol_of(args) -> str:
+    return "grpc" if getattr(args, "grpc", False) else "kserve" if getattr(args, "kserve", False) else "rest"
+
+
 def add_connection_args(p) -> None:
     p.add_argument("--url", help=f"inference address (REST default {DEFAULT_REST}, gRPC default {DEFAULT_GRPC})")
     p.add_argument("--grpc", action="store_true", help="use gRPC (TorchServe's port 7070) instead of REST")
+    p.add_argument("--kserve", action="store_true",
+                   help="KServe v2 protocol (an InferenceService from deploy/kserve; --url is its address)")
     p.add_argument("--token", help="inference token (default: $CXRSERVE_TOKEN, else key_file.json)")
     p.add_argument("--key-file", help="TorchServe key_file.json (default: $CXRSERVE_KEY_FILE, ./, .torchserve/)")
     p.add_argument("--management-url", default=DEFAULT_MANAGEMENT, help="for minting a new token when it expired")

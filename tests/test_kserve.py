@@ -137,3 +137,25 @@ def test_deploy_manifests_name_the_runtime_and_layout():
         model = isvc["spec"]["predictor"]["model"]
         assert model["protocolVersion"] == "v2"
         assert model["runtime"] == runtime["metadata"]["name"]
+
+
+def test_batch_against_the_kserve_endpoint(kserve_served, tmp_path):
+    """``cxrserve batch --kserve``: the batch client speaks v2 to a cluster endpoint."""
+    import json
+
+    from cxrserve.batch import RemoteScorer, expand_inputs, run_batch
+    from cxrserve.client import CXRClient
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"s{i}.png").write_bytes(phantom_png(20 + i))
+    (folder / "junk.bin").write_bytes(b"\x00junk" * 10)
+    client = CXRClient(kserve_served["url"], protocol="kserve", token="cluster-token-is-ignored-here")
+    out = tmp_path / "rows.jsonl"
+    summary = run_batch(expand_inputs([folder]), out, scorer=RemoteScorer(client, "cxr-lungseg", {"mask": False}),
+                        concurrency=2, root=folder, progress=False)
+    rows = {json.loads(line)["file"]: json.loads(line) for line in out.read_text().splitlines()}
+    assert summary.ok == 3 and {r["status"] for r in rows.values()} == {200, 415}
+    assert rows["junk.bin"]["error"] == "unsupported_format"
+    assert rows["s0.png"]["result"]["model"] == "cxr-lungseg" and "mask_png" not in rows["s0.png"]["result"]
