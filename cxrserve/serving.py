@@ -6,9 +6,11 @@ turns each TorchServe request into an :class:`Item` or a typed error; ``inferenc
 scores the valid ones as one batch; ``postprocess`` sets each request's own HTTP
 status, so a bad file gets its 4xx and its batch neighbours still get 200.
 
-Requests may be a raw body (``curl --data-binary @study.dcm``), multipart form fields
+Requests may be a raw body (``curl -T study.dcm``), multipart form fields
 (``-F image=@study.dcm -F prior=@prior.dcm -F heatmap=true``), a JSON object with
-base64 files (``{"image": "...", "heatmap": true}``), or query parameters for options.
+base64 files (``{"image": "...", "heatmap": true}``), with options also as ``X-CXR-<option>``
+headers (TorchServe never passes query strings to handlers), or KServe v2 inputs
+(``service_envelope=kservev2``, see :mod:`cxrserve.kserve`).
 """
 from __future__ import annotations
 
