@@ -419,7 +419,7 @@ def format_human(name: str, result: dict) -> str:
     lines = [f"{name}: {result.get('model', '')} {result.get('model_version', '')}".rstrip()]
     skip = {"model", "model_version", "warnings", "input", "input_gate"}
     for key, value in result.items():
-        if key in skip:
+        if key in skip or key.endswith("_file"):  # saved pictures are listed by the caller
             continue
         lines.append(f"  {key}: {_fmt_value(value)}")
     gate = result.get("input_gate")
