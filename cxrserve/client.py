@@ -376,6 +376,8 @@ def _grpc_error(err) -> CXRServeError:
         cls = InputRejected if 400 <= status < 500 else CXRServeError
         return cls(message, status=status, code=str(body.get("error") or code.lower()), body=body)
     status = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "INTERNAL": 500, "DEADLINE_EXCEEDED": 504}.get(code, 500)
+    if code == "INTERNAL" and ("Model not found" in details or "does not exist" in details):
+        status = 404  # TorchServe's gRPC layer reports an unknown model or version as INTERNAL
     cls = InputRejected if 400 <= status < 500 else CXRServeError
     return cls(f"gRPC {code}: {details[:300]}", status=status, code=code.lower())
 

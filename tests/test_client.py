@@ -71,13 +71,14 @@ def test_bad_input_is_the_same_4xx_over_rest_and_grpc(rest, grpc_client, payload
 
 
 @pytest.mark.serve
-def test_bad_option_and_unknown_model(rest):
+def test_bad_option_and_unknown_model(rest, grpc_client):
     with pytest.raises(InputRejected) as info:
         rest.predict("cxr-triage", phantom_png(33), heatmap="maybe")
     assert info.value.status == 400 and "heatmap" in info.value.message
-    with pytest.raises(InputRejected) as info:
-        rest.predict("cxr-no-such-model", phantom_png(33))
-    assert info.value.status == 404
+    for c in (rest, grpc_client):
+        with pytest.raises(InputRejected) as info:
+            c.predict("cxr-no-such-model", phantom_png(33))
+        assert info.value.status == 404, c.protocol
 
 
 @pytest.mark.serve
@@ -224,3 +225,13 @@ def test_grpc_stubs_come_from_the_installed_torchserve(tmp_path):
     folder = grpc_stubs.ensure_stubs(tmp_path)
     assert (folder / "inference_pb2_grpc.py").exists() and (folder / "management_pb2_grpc.py").exists()
     assert grpc_stubs.ensure_stubs(tmp_path) == folder  # cached: generated once per protocol version
+
+
+@pytest.mark.serve
+def test_model_version_selection(rest, grpc_client):
+    image = phantom_png(36)
+    for c in (rest, grpc_client):
+        assert c.predict("cxr-lungseg", image, version="0.1.0", mask=False)["model"] == "cxr-lungseg"
+        with pytest.raises(InputRejected) as info:
+            c.predict("cxr-lungseg", image, version="9.9.9", mask=False)
+        assert isinstance(info.value, InputRejected) and info.value.status == 404, (c.protocol, info.value)
