@@ -11,6 +11,10 @@ once, then scores a list of decoded studies at a time. Its contract:
   warnings, input facts), so the fields common to all models are written once;
 * request options are declared per pipeline in ``OPTIONS`` and parsed here, so a bad
   option value is a 400 naming the option.
+* before any model runs, every image is screened: DICOM header facts
+  (:func:`~cxrserve.imageio.check_frontal_chest_header`), then the learned input gate
+  when the archive ships a ``gate`` component (:meth:`Pipeline.run_gate`): its verdict
+  is in every response, and below its threshold the request is a 422.
 
 Handlers are thin adapters from TorchServe requests to :class:`Item` lists
 (:mod:`cxrserve.serving`); ``cxrserve predict`` and ``cxrserve batch --in-process``
