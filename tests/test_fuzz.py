@@ -148,7 +148,7 @@ def test_handler_answers_every_request_with_its_own_status(handler, batch):
 # --------------------------------------------------------------------------- the running server
 @pytest.mark.serve
 @pytest.mark.slow
-def test_served_model_survives_malformed_uploads(served):
+def test_served_model_survives_malformed_uploads(served, capsys):
     """A bounded stream of fuzzed uploads: every answer 200/4xx, and the same worker lives on."""
     def worker_pid() -> int:
         r = requests.get(f"{served.management}/models/cxr-lungseg", headers=served.headers("management"), timeout=10)
@@ -166,7 +166,8 @@ def test_served_model_survives_malformed_uploads(served):
         assert r.status_code in STATUSES, (r.status_code, r.text[:300])
 
     post()
-    print(f"\nserver fuzz: {len(seen)} uploads, statuses {sorted(set(seen))}")
+    with capsys.disabled():
+        print(f"\nserver fuzz: {len(seen)} uploads, statuses {sorted(set(seen))}")
     assert worker_pid() == pid, "a malformed upload killed the worker"
     ok = served.post("cxr-lungseg", SEEDS["png"], headers={"X-CXR-Mask": "false"})
     assert ok.status_code == 200

@@ -65,7 +65,7 @@ def test_every_archive_ships_the_gate(model_store, unpacked):
         assert (folder / "gate" / "metadata.json").exists(), f"{mar.name} has no input gate"
 
 
-def test_gate_held_out_accuracy_on_phantoms(triage, held_out):
+def test_gate_held_out_accuracy_on_phantoms(triage, held_out, capsys):
     truth = ["frontal_cxr" if kind == "frontal" else "other" for kind, _ in held_out]
     images = [img for _, img in held_out]
     frontal = [img for kind, img in held_out if kind == "frontal"]
@@ -73,8 +73,9 @@ def test_gate_held_out_accuracy_on_phantoms(triage, held_out):
     images += [255 - img for img in frontal]
     probs = gate_scores(triage, images)
     report = gate_report(truth, probs, triage.gate_threshold)
-    print(f"\ninput gate on {report['n']} held-out phantoms: accept/reject accuracy {report['accept_accuracy']:.3f}, "
-          f"frontal accepted {report['frontal_accepted']:.3f}, non-frontal rejected {report['non_frontal_rejected']:.3f}")
+    with capsys.disabled():
+        print(f"\ninput gate on {report['n']} held-out phantoms: accept/reject accuracy {report['accept_accuracy']:.3f}, "
+              f"frontal accepted {report['frontal_accepted']:.3f}, non-frontal rejected {report['non_frontal_rejected']:.3f}")
     assert report["accept_accuracy"] >= 0.9
     assert report["frontal_accepted"] >= 0.8
     assert report["non_frontal_rejected"] >= 0.9
