@@ -204,3 +204,40 @@ def test_batch_command_line(mixed, served, tmp_path, capsys):
     rows = read_rows(out)
     assert len(rows) == 14
     assert all("mask_png" not in (r["result"] or "") for r in rows)
+
+
+@pytest.mark.serve
+def test_killed_batch_process_resumes_to_one_row_per_file(mixed, served, tmp_path):
+    """The real thing: ``cxrserve batch`` SIGKILLed mid-run, then run again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed.csv"
+    cmd = [sys.executable, "-m", "cxrserve", "batch", str(mixed), "--model", "cxr-triage", "--out", str(out),
+           "--url", served.inference, "--key-file", str(served.workdir / "key_file.json"), "--concurrency", "1",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and len(out.read_text().splitlines()) >= 5:  # header + the 409 row + 3 results
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "batch finished before it could be interrupted"
+        os.kill(proc.pid, signal.SIGKILL)  # the process this test started
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    partial = read_rows(out)
+    assert 0 < len(partial) < 14
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr  # some inputs are errors by design
+    assert f"{len(partial)} already done" in done.stdout
+    rows = read_rows(out)
+    check_rows(rows, 14)
+    assert rows[: len(partial)] == partial
+    assert_no_phi(out, str(out) + ".summary.json")
