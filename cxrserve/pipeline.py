@@ -111,9 +111,13 @@ class Component:
     card: ModelCard
     runtime: Runtime
     path: Path
+    _transform: Any = field(default=None, repr=False, compare=False)
 
     def transform(self):
-        return build_transform(self.card.preprocessing)
+        """The card's preprocessing, built once: transforms are stateless and thread-safe."""
+        if self._transform is None:
+            self._transform = build_transform(self.card.preprocessing)
+        return self._transform
 
 
 # --------------------------------------------------------------------------- pipeline

@@ -167,13 +167,15 @@ class SeedThreeChannel:
     """
 
     def __init__(self, clip_limit: float = 3.0, tiles: int = 8):
-        self.clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles))
+        self.clip_limit, self.tiles = clip_limit, tiles
 
     def __call__(self, img: Array) -> Array:
         img = np.ascontiguousarray(img)
         short = min(img.shape[:2])
         _, otsu = cv2.threshold(img, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        clahe = self.clahe.apply(img)
+        # A CLAHE object keeps working buffers: one per call (microseconds) keeps the
+        # transform safe to share between preprocessing threads.
+        clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=(self.tiles, self.tiles)).apply(img)
         blurred = cv2.medianBlur(img, _odd(0.005 * short, 7))
         adaptive = cv2.adaptiveThreshold(
             blurred, 255, cv2.ADAPTIVE_THRESH_GAUSSIAN_C, cv2.THRESH_BINARY_INV,
