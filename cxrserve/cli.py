@@ -17,7 +17,8 @@ import yaml
 
 from . import __version__
 
-PLUGINS = ("cxrserve.pxs", "cxrserve.client", "cxrserve.batch", "cxrserve.ui", "cxrserve.bench", "cxrserve.xrv_import")
+PLUGINS = ("cxrserve.pxs", "cxrserve.client", "cxrserve.batch", "cxrserve.ui", "cxrserve.bench", "cxrserve.xrv_import",
+           "cxrserve.zeroshot")
 
 
 def _kv(values: list[str] | None) -> dict[str, str]:

@@ -21,7 +21,7 @@ file ships with the package and is copied into the archive; nothing is fetched).
 Weights come from ``cxrserve train zeroshot`` (contrastive training on image/report
 pairs, :mod:`cxrserve.tasks.zeroshot`) or from CheXzero checkpoints (OpenAI CLIP
 state-dict layout) through :func:`import_checkpoints`:
-``python -m cxrserve.zeroshot import best_64_*.pt --out runs/chexzero.ckpt``.
+``cxrserve zeroshot import best_64_*.pt --out runs/chexzero.ckpt``.
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ def load_text_encoder(component_dir: str | Path, device: torch.device) -> torch.
     path = Path(component_dir) / TEXT_FILE
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} missing: export the text encoder with `python -m cxrserve.zeroshot export-text CKPT {component_dir}`"
+            f"{path} missing: export with `cxrserve zeroshot export CKPT FOLDER` or `cxrserve store build`"
         )
     return torch.jit.load(str(path), map_location=device).eval()
 
@@ -404,9 +404,27 @@ def _cmd_import(args) -> int:
     return 0
 
 
-def _cmd_export_text(args) -> int:
-    path = export_text_encoder(args.checkpoint, args.folder)
-    print(json.dumps(json.loads((path.parent / TEXT_PARITY_FILE).read_text()), indent=2))
+def export_model_folder(checkpoint: str | Path, out: str | Path,
+                        formats: tuple[str, ...] = ("torchscript", "onnx")) -> Path:
+    """A loadable ``cxr-zeroshot`` folder without building an archive (evaluation, ``score``).
+
+    ``out/zeroshot`` holds the exported image encoder (parity-checked), ``text.pt`` and
+    the vocabulary; ``out/pipeline.json`` names the pipeline.
+    """
+    from .export import export_component
+
+    out = Path(out)
+    export_component(checkpoint, out / COMPONENT, formats=formats)
+    export_text_encoder(checkpoint, out / COMPONENT)
+    backend = "onnx" if "onnx" in formats else "torchscript"
+    (out / "pipeline.json").write_text(json.dumps({"pipeline": ZeroShotPipeline.name, "name": ZeroShotPipeline.name,
+                                                   "handler": {"backend": backend}}, indent=2))
+    return out
+
+
+def _cmd_export(args) -> int:
+    out = export_model_folder(args.checkpoint, args.out, tuple(args.formats))
+    print(f"exported to {out}; score with: cxrserve zeroshot score FILE --model {out}")
     return 0
 
 
@@ -432,10 +450,11 @@ def register_cli(subparsers) -> None:
     q.add_argument("--out", required=True)
     q.add_argument("--version", default="chexzero-1")
     q.set_defaults(func=_cmd_import)
-    q = sub.add_parser("export-text", help="trace a checkpoint's text encoder into an exported component folder")
+    q = sub.add_parser("export", help="checkpoint -> loadable cxr-zeroshot folder (image + text encoders, parity)")
     q.add_argument("checkpoint")
-    q.add_argument("folder")
-    q.set_defaults(func=_cmd_export_text)
+    q.add_argument("out")
+    q.add_argument("--formats", nargs="+", default=["torchscript", "onnx"], choices=["torchscript", "onnx"])
+    q.set_defaults(func=_cmd_export)
     q = sub.add_parser("score", help="score files in process with a cxr-zeroshot archive or folder")
     q.add_argument("files", nargs="+")
     q.add_argument("--model", required=True, help="cxr-zeroshot.mar or an unpacked archive folder")

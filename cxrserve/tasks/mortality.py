@@ -56,6 +56,16 @@ def died(record: Record) -> int:
     return int(record.survival == 0)
 
 
+def phantom_risk(record: Record) -> float:
+    """A phantom's documented death probability (its survival column is one draw from it)."""
+    from ..phantoms import death_probability
+
+    age = record.extras.get("age")
+    if record.geographic_extent is None or record.opacity is None or not age:
+        raise ValueError(f"{record.relpath}: target 'phantom_risk' needs a phantom's extent, opacity and age")
+    return death_probability(record.geographic_extent, record.opacity, float(age))
+
+
 def fit_platt(z: np.ndarray, y: np.ndarray, l2: float = 1e-3, iterations: int = 100) -> dict:
     """Logistic regression ``P(y=1) = sigmoid(a z + b)`` by Newton's method with step halving.
 
@@ -192,12 +202,18 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
           seed: int = 0, patience: int = 6, resume: bool = False, device: str = "auto", demo: bool = False,
           version: str = "0.1.0", max_val: int | None = None, augment: bool = True, dropout: float = 0.2,
           target_sensitivity: float = 0.8, init_from: str | None = None, pretrain_epochs: int = 0,
-          n_boot: int = 2000, progress: bool = True) -> Path:
+          target: str = "survival", n_boot: int = 2000, progress: bool = True) -> Path:
     """Train, calibrate and threshold the mortality classifier; returns best.ckpt.
 
     ``pretrain_epochs > 0`` first runs :func:`pretrain` on the films of patients without
     a survival label and starts from its backbone (``init_from`` names one instead).
+    ``target="phantom_risk"`` (demo only) trains on each phantom's documented death
+    probability instead of its single Bernoulli draw: a minute of training cannot
+    average out the coin flips. Calibration, threshold and every reported number still
+    use the drawn outcomes.
     """
+    if target not in ("survival", "phantom_risk"):
+        raise ValueError(f"target must be 'survival' or 'phantom_risk', got {target!r}")
     torch.manual_seed(seed)
     if pretrain_epochs and not init_from:
         init_from = str(pretrain(records, Path(out_dir) / "pretrain", epochs=pretrain_epochs, seed=seed,
@@ -224,7 +240,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
         name=NAME, architecture="resnet18_cam", task="classification", preprocessing=PREPROCESSING,
         labels=list(OUTCOMES), arch_kwargs={"num_classes": 2, "in_channels": 3, "dropout": dropout},
         demo=demo, version=version, trained_on=describe_data(usable), data_fingerprint=fingerprint(usable),
-        extra={"class_weights": weights.tolist(), "data_summary": summary,
+        extra={"class_weights": weights.tolist(), "data_summary": summary, "target": target,
                "threshold_rule": {"target_sensitivity": target_sensitivity, "chosen_on": "validation"},
                "split": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
                          "train": len(train_set), "val": len(val_set), "test": len(test_set)}},
@@ -243,11 +259,17 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
                 xs = [transform(augment_fn(cache.image(train_set[i]))[0]) for i in idx]
             else:
                 xs = [inputs[train_set[i].path] for i in idx]
-            ys = [died(train_set[i]) for i in idx]
-            yield torch.stack(xs).to(dev), torch.tensor(ys, device=dev)
+            if target == "phantom_risk":
+                p = torch.tensor([phantom_risk(train_set[i]) for i in idx], device=dev)
+                y = torch.stack([1 - p, p], dim=1)  # soft two-class target
+            else:
+                y = torch.tensor([died(train_set[i]) for i in idx], device=dev)
+            yield torch.stack(xs).to(dev), y
 
     def step(model, batch):
         x, y = batch
+        if y.is_floating_point():  # a probability is its own weighting: no class weights
+            return F.cross_entropy(model.logits(x).float(), y)
         return F.cross_entropy(model.logits(x).float(), y, weight=weights)
 
     def evaluate(model):
