@@ -20,11 +20,17 @@ from . import register_model
 class SiameseDenseNet(nn.Module):
     """One DenseNet121 trunk; ``forward(x)`` is the N x ``embedding_dim`` embedding."""
 
-    def __init__(self, embedding_dim: int = 1000, in_channels: int = 3):
+    def __init__(self, embedding_dim: int = 1000, in_channels: int = 3, head_gain: float = 1.0):
         super().__init__()
         trunk = torchvision.models.densenet121(weights=None, num_classes=embedding_dim)
         if in_channels != 3:
             trunk.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if head_gain != 1.0:
+            # From scratch, torchvision's init puts pair distances near 1 while severity
+            # differences reach 14: a larger embedding layer lets the first steps order
+            # the studies instead of only growing the output.
+            with torch.no_grad():
+                trunk.classifier.weight.mul_(head_gain)
         self.trunk = trunk
         self.embedding_dim = embedding_dim
 
@@ -42,5 +48,5 @@ def euclidean(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Ten
 
 
 @register_model("siamese_densenet121")
-def siamese_densenet121(embedding_dim: int = 1000, in_channels: int = 3) -> SiameseDenseNet:
-    return SiameseDenseNet(embedding_dim, in_channels)
+def siamese_densenet121(embedding_dim: int = 1000, in_channels: int = 3, head_gain: float = 1.0) -> SiameseDenseNet:
+    return SiameseDenseNet(embedding_dim, in_channels, head_gain)

@@ -152,10 +152,11 @@ def class_balanced_batches(labels: np.ndarray, batch_size: int, seed: int, epoch
 
 
 def _new_card(name: str, *, stage: str, records: Sequence[Record], demo: bool, version: str, extra: dict,
-              thresholds: dict | None = None) -> ModelCard:
+              thresholds: dict | None = None, head_gain: float = 1.0) -> ModelCard:
     return ModelCard(
         name=name, architecture=ARCHITECTURE, task="embedding", preprocessing=PREPROCESSING,
-        arch_kwargs=dict(ARCH_KWARGS), thresholds=dict(thresholds or {}), demo=demo, version=version,
+        arch_kwargs={**ARCH_KWARGS, "head_gain": float(head_gain)}, thresholds=dict(thresholds or {}),
+        demo=demo, version=version,
         trained_on=describe_data(records), data_fingerprint=fingerprint(records),
         extra={"stage": stage, **extra},
     )
@@ -181,8 +182,8 @@ def pretrain_records(records: Sequence[Record], exclude_scored: bool = True) -> 
 def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4, steps_per_epoch: int | None = None,
              batch_size: int = 8, lr: float = 3e-4, margin: float = 50.0, val_fraction: float = 0.15, seed: int = 0,
              patience: int = 3, exclude_scored: bool = True, augment: bool = True, max_val: int | None = 160,
-             resume: bool = False, device: str = "auto", demo: bool = False, version: str = "0.1.0",
-             progress: bool = True) -> Path:
+             head_gain: float = 1.0, resume: bool = False, device: str = "auto", demo: bool = False,
+             version: str = "0.1.0", progress: bool = True) -> Path:
     """Stage 1: contrastive pre-training on normal vs abnormal weak labels; returns best.ckpt.
 
     The seed fine-tuned an ImageNet DenseNet at lr 2e-5; nothing here downloads
@@ -207,7 +208,7 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
         "margin": margin, "weak_labels": {"0": "normal", "1": "COVID-19 or pneumonia"},
         "exclude_scored": exclude_scored,
         "split": {"val_fraction": val_fraction, "seed": seed, "train": len(train_set), "val": len(val_set)},
-    })
+    }, head_gain=head_gain)
     model = build_model(card.architecture, **card.arch_kwargs)
 
     def train_batches(epoch: int):
@@ -245,7 +246,8 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
           target: str = "extent+opacity", epochs: int = 15, steps_per_epoch: int | None = None, batch_size: int = 8,
           lr: float = 1e-4, val_fraction: float = 0.2, seed: int = 0, patience: int = 5, fold: int | None = None,
           folds: int = 5, select: str = "best", change_threshold: float = 1.0, max_anchors: int = 32,
-          normals_as_zero: int = 0, augment: bool = True, max_val: int | None = None, resume: bool = False,
+          normals_as_zero: int = 0, augment: bool = True, max_val: int | None = None, head_gain: float = 1.0,
+          resume: bool = False,
           device: str = "auto", demo: bool = False, version: str = "0.1.0", progress: bool = True) -> Path:
     """Stage 2: MSE between pair distances and |severity differences|; returns best.ckpt.
 
@@ -301,7 +303,8 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
         extra["holdout"] = {"fold": int(fold), "folds": int(folds), "seed": seed,
                             "files": sorted(r.relpath for r in val_set)}
     card = _new_card(NAME, stage="tune", records=list(train_set), demo=demo, version=version, extra=extra,
-                     thresholds={"change_pxs_delta": float(change_threshold)})
+                     thresholds={"change_pxs_delta": float(change_threshold)},
+                     head_gain=pcard.arch_kwargs.get("head_gain", 1.0) if pretrained else head_gain)
     model = build_model(card.architecture, **card.arch_kwargs)
     if pretrained:
         model.load_state_dict(state["state_dict"])
