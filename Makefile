@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STORE := model_store
 RUN := .torchserve
 
-.PHONY: install store serve stop test browser
+.PHONY: install store serve stop test browser bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,7 @@ browser:
 
 test: store browser
 	$(PY) -m pytest
+
+# Benchmarks (docs/PERFORMANCE.md): prints a markdown table, writes benchmarks/results/.
+bench: store
+	$(PY) -m cxrserve bench --store $(STORE) --work build

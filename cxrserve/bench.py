@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -740,7 +741,9 @@ def with_backend(model_dir: Path, backend: str, checkpoints: dict[str, Path], ca
     for part in missing:
         log.info("exporting %s/%s to %s for the benchmark", name, part, backend)
         keep = {f: (tmp / part / f).read_bytes() for f in ("metadata.json", "parity.json") if (tmp / part / f).exists()}
-        export_component(checkpoints[part], tmp / part, formats=(backend,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+            export_component(checkpoints[part], tmp / part, formats=(backend,))
         for f, data in keep.items():  # the archive's own card and parity report stay
             (tmp / part / f).write_bytes(data)
     tmp.replace(target)
@@ -981,7 +984,7 @@ class TorchServeRun:
             "grpc_inference_port": str(self.ports["grpc"]),
             "grpc_management_port": str(self.ports["grpc_management"]),
             "model_store": str(store),
-            "load_models": ",".join(f"{name}={path.name}" for name, path in self.archives.items()),
+            "load_models": ",".join(f"{name}={name}.mar" for name in self.archives),
             "max_request_size": "67108864",
             "max_response_size": "67108864",
             "number_of_gpu": str(self.gpus),
@@ -1003,8 +1006,9 @@ class TorchServeRun:
         store = self.workdir / "store"
         shutil.rmtree(store, ignore_errors=True)
         store.mkdir(parents=True)
-        for path in {p.resolve() for p in self.archives.values()}:
-            (store / path.name).symlink_to(path)
+        for name, path in self.archives.items():
+            # Linked under the served name: server.start waits for every <name>.mar in the store.
+            (store / f"{name}.mar").symlink_to(Path(path).resolve())
         config = self._config(store)
         info = server.start(config, store, self.workdir, timeout=self.timeout)
         self.keys = server.read_keys(info["key_file"])
@@ -1377,7 +1381,7 @@ def run_suite(opts: BenchOptions) -> dict:
         "inputs": [i.describe() for i in inputs], "models": {}, "skipped_models": missing,
     }
     if device != "cuda":
-        results["gpu_note"] = ("no GPU measured: " + ("this machine has none" if not torch.cuda.is_available()
+        results["gpu_note"] = ("No GPU measured: " + ("this machine has none" if not torch.cuda.is_available()
                                                     else "run with --device cuda"))
 
     if opts.wants("decode"):
@@ -1497,11 +1501,15 @@ def _torchserve_section(opts, results, models, available, inputs, cache, device,
     t = time.perf_counter()
     try:
         run.start()
-        results["torchserve"] = {"start_s": round(time.perf_counter() - t, 1),
-                                 "idle_rss_mb": round(sum(_rss(p) for p in run.all_pids()) / 2**20)}
+        results["torchserve"] = {"start_s": round(time.perf_counter() - t, 1), "models": len(archives),
+                                 "processes": len(run.all_pids()),
+                                 "idle_rss_mb": round(sum(_rss(p) for p in run.all_pids()) / 2**20),
+                                 "idle_pss_mb": round(sum(_pss(p) for p in run.all_pids()) / 2**20)}
         for name in models:
             entry = results["models"][name]
             entry["served_config"] = run.served_config(name)
+            # PSS shares library pages between processes: what one more worker really costs.
+            entry["worker_pss_mb"] = round(sum(_pss(p) for p in run.worker_pids(name)) / 2**20)
             naive = entry.get("naive_scores", {})
             cases = [("rest", c, "scores") for c in (opts.triage_clients if name == "cxr-triage" else opts.clients)]
             cases += [("grpc", c, "scores") for c in opts.grpc_clients]
@@ -1538,6 +1546,16 @@ def _rss(pid: int) -> int:
     try:
         return psutil.Process(pid).memory_info().rss
     except psutil.Error:
+        return 0
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size (shared pages divided among the processes sharing them)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_full_info().pss
+    except (psutil.Error, AttributeError):
         return 0
 
 
@@ -1622,7 +1640,7 @@ def markdown(results: dict) -> str:
                  + f" | {results.get('elapsed_s', '?')} s")
     lines.append("")
     if results.get("gpu_note"):
-        lines += [f"**{results['gpu_note'].capitalize()}.**", ""]
+        lines += [f"**{results['gpu_note']}.**", ""]
     kinds: dict[str, int] = {}
     for i in results["inputs"]:
         key = f"{i['format']}{' ' + i['syntax'] if i['syntax'] else ''}"
@@ -1653,8 +1671,14 @@ def markdown(results: dict) -> str:
     for name, entry in results["models"].items():
         for note in entry.get("notes", []):
             lines.append(f"* {name}: {note}")
-    if results.get("torchserve", {}).get("error"):
-        lines.append(f"* TorchServe section failed: {results['torchserve']['error']}")
+    ts = results.get("torchserve", {})
+    if ts.get("error"):
+        lines.append(f"* TorchServe section failed: {ts['error']}")
+    elif ts:
+        pss = ", ".join(f"{n} {e['worker_pss_mb']}" for n, e in results["models"].items() if "worker_pss_mb" in e)
+        lines.append(f"* TorchServe: {ts['models']} models in {ts['processes']} processes, ready in {ts['start_s']} s; "
+                     f"idle RSS {ts['idle_rss_mb']} MB, PSS {ts['idle_pss_mb']} MB (shared library pages counted "
+                     f"once); worker PSS after the run, MB: {pss}")
     lines.append("")
 
     ceiling_rows = []
@@ -1805,7 +1829,7 @@ def options_from_args(args) -> BenchOptions:
 def cmd_bench(args) -> int:
     opts = options_from_args(args)
     if args.sweep:
-        results = run_sweep(opts)
+        results = run_sweep(opts, batches=tuple(args.sweep_batches), clients=tuple(args.sweep_clients))
         out = Path(opts.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"sweep-{results['environment']['created'].replace(':', '').replace('-', '').replace('+0000', 'Z')}"
@@ -1855,6 +1879,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--tag", help="label for the result files")
     p.add_argument("--sweep", action="store_true",
                    help="instead: TorchServe batch size x workers per model (the numbers behind model-config.yaml)")
+    p.add_argument("--sweep-batches", nargs="+", type=int, default=[1, 4, 8])
+    p.add_argument("--sweep-clients", nargs="+", type=int, default=[1, 8])
     p.set_defaults(func=cmd_bench)
 
 
