@@ -114,6 +114,21 @@ class OnnxRuntime(Runtime):
         return tuple(self.session.run(None, {self.input_name: batch.detach().cpu().numpy()}))
 
 
+def load_torchscript(path: str | Path, device: torch.device) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` onto ``device``; on CUDA with the JIT's optimising executor off.
+
+    On an H100 (torch 2.11) the exported severity DenseNet121 ran its first CUDA call in
+    0.9 s and did not return from its second within 60 s; with the optimising graph
+    executor off (as ``torch.jit.optimized_execution(False)``) every call took about 9 ms.
+    The switch is process-wide, so it is flipped only when a program is loaded onto a
+    GPU; CPU serving is untouched.
+    """
+    if device.type == "cuda" and torch._C._get_graph_executor_optimize():
+        log.info("TorchScript on CUDA: graph-executor optimisation off (it stalled on GPU)")
+        torch._C._set_graph_executor_optimize(False)
+    return torch.jit.load(str(path), map_location=device)
+
+
 def load_runtime(model_dir: str | Path, backend: str, device: torch.device, threads: int = 0) -> Runtime:
     """Load ``model.pt`` (TorchScript) or ``model.onnx`` from ``model_dir``."""
     model_dir = Path(model_dir)
@@ -124,4 +139,4 @@ def load_runtime(model_dir: str | Path, backend: str, device: torch.device, thre
         raise FileNotFoundError(f"{path} missing: build the archive with `cxrserve export`")
     if backend == "onnx":
         return OnnxRuntime(path, device, threads)
-    return TorchRuntime(torch.jit.load(str(path), map_location=device), device, "torchscript")
+    return TorchRuntime(load_torchscript(path, device), device, "torchscript")

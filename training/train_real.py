@@ -91,6 +91,7 @@ class Runner:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"))
         if deadline is not None:
+            deadline = float(self.args.deadlines.get(name.removeprefix("train_"), deadline))
             env["CXRSERVE_TRAIN_DEADLINE"] = str(self.start + deadline * self.args.budget)
         log = self.out / "logs" / f"{name}.log"
         t = time.time()
@@ -124,7 +125,7 @@ class Runner:
 
     def evaluate(self, family: str) -> bool:
         cmd = [sys.executable, str(Path(__file__).resolve()), "_evaluate", family, *self.data, "--out", str(self.out),
-               "--device", self.args.device, "--max-eval", str(self.args.max_eval)]
+               "--device", self.args.eval_device, "--max-eval", str(self.args.max_eval)]
         if self.args.sources:
             cmd += ["--sources", *self.args.sources]
         return self.run(f"eval_{family}", cmd)
@@ -546,8 +547,13 @@ def main(argv=None) -> int:
     p.add_argument("data", help="the real data root (../shared/data or a compact copy)")
     p.add_argument("out", help="run folder (checkpoints, models, results, logs)")
     p.add_argument("families", nargs="*", help=f"any of {' '.join(FAMILIES)} (default: all)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="training device")
+    p.add_argument("--eval-device", default="cpu",
+                   help="device of the served pipelines (default cpu, as the default model-configs serve)")
     p.add_argument("--budget", type=float, default=540, help="seconds for the whole run (default 540)")
+    p.add_argument("--deadline", nargs="*", default=[],
+                   help="STEP=FRACTION: training deadline of a step as a fraction of --budget "
+                        f"(defaults {' '.join(f'{k}={v}' for k, v in DEADLINES.items())})")
     p.add_argument("--sources", nargs="+", help="only these source folders (smoke tests)")
     p.add_argument("--set", nargs="*", help="training overrides KEY=VALUE (all) or FAMILY.KEY=VALUE (one task)")
     p.add_argument("--pxs-folds", type=int, default=5)
@@ -559,6 +565,10 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown families {sorted(unknown)}; choose from {' '.join(FAMILIES)}")
     args.data = [args.data]
+    args.deadlines = {k: float(v) for k, _, v in (item.partition("=") for item in args.deadline)}
+    unknown = set(args.deadlines) - set(DEADLINES)
+    if unknown:
+        p.error(f"unknown deadline steps {sorted(unknown)}; choose from {' '.join(DEADLINES)}")
     if shutil.which("nvidia-smi"):
         subprocess.run(["nvidia-smi", "--query-gpu=name,memory.used,memory.total", "--format=csv"])
     return Runner(args).main()
