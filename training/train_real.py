@@ -24,6 +24,10 @@ each training step gets a deadline (``$CXRSERVE_TRAIN_DEADLINE``: no epoch start
 would end after it; the best checkpoint so far is kept and post-training steps still
 run), and anything still running near the end is stopped so the summary is written.
 
+Pipelines are scored on CPU by default (``--eval-device``), as the default model-configs
+serve them. The zero-shot tokenizer needs ``open_clip_torch`` (and ``ftfy``, ``wcwidth``):
+carry their wheels to a GPU machine that lacks them.
+
 Writes ``OUT/results/*.json`` (metrics, cards, histories), ``OUT/logs/*.log``,
 ``OUT/summary.json`` and ``OUT/summary.md``. Checkpoints and exported models stay under
 ``OUT/runs`` and ``OUT/models``: weights trained on real data are never committed.
