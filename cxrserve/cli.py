@@ -95,9 +95,19 @@ def cmd_eval(args) -> int:
 
     pipeline = load_pipeline(args.model, device=args.device)
     records = load_records(args.data, sources=args.sources)
+    task = get_task(args.task)
+    notes = []
     if args.split != "all":
-        records = patient_split(records, val_fraction=args.val_fraction, seed=args.seed)[args.split]
-    report = get_task(args.task).evaluate(pipeline, records)
+        if hasattr(task, "training_split"):  # exactly the images training held out (or used)
+            train_set, val_set = task.training_split(records, val_fraction=args.val_fraction, seed=args.seed)
+            records = {"train": train_set, "val": val_set}[args.split]
+        else:
+            records = patient_split(records, val_fraction=args.val_fraction, seed=args.seed)[args.split]
+            notes.append(f"{args.task} has no training_split: a plain patient split of all records, "
+                         "which may overlap the images the model was trained on")
+    report = task.evaluate(pipeline, records)
+    if notes:
+        report["warnings"] = list(report.get("warnings", [])) + notes
     report = {"task": args.task, "model": pipeline.name, "model_version": pipeline.version,
               "data": [str(d) for d in args.data], "split": args.split, "seed": args.seed,
               "val_fraction": args.val_fraction, **report}

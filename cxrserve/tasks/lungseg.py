@@ -66,16 +66,23 @@ def dice_by_source(records: Sequence[Record], probabilities: Sequence[np.ndarray
     }
 
 
+def training_split(records: Sequence[Record], val_fraction: float = 0.2, seed: int = 0,
+                   ) -> tuple[list[Record], list[Record]]:
+    """The (train, val) split :func:`train` uses: frontal images with masks, by patient, per source."""
+    usable = [r for r in records if r.mask_path is not None and r.is_frontal is not False]
+    if len(usable) < 4:
+        raise ValueError(f"need images with lung masks; got {len(usable)} of {len(records)} records")
+    return split(usable, val_fraction, seed, stratify=lambda r: r.source)
+
+
 def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 30, steps_per_epoch: int | None = None,
           batch_size: int = 8, lr: float = 1e-3, val_fraction: float = 0.2, seed: int = 0, patience: int = 6,
           resume: bool = False, device: str = "auto", demo: bool = False, version: str = "0.1.0",
           max_val: int | None = None, progress: bool = True) -> Path:
     """Train the lung U-Net on records that have ground-truth masks; returns best.ckpt."""
     torch.manual_seed(seed)
-    usable = [r for r in records if r.mask_path is not None and r.is_frontal is not False]
-    if len(usable) < 4:
-        raise ValueError(f"need images with lung masks; got {len(usable)} of {len(records)} records")
-    train_set, val_set = split(usable, val_fraction, seed, stratify=lambda r: r.source)
+    train_set, val_set = training_split(records, val_fraction, seed)
+    usable = train_set + val_set
     val_set = val_set[:max_val] if max_val else val_set
     dev = resolve_device(device)
     cache = ImageCache()

@@ -43,6 +43,15 @@ def usable_records(records: Sequence[Record], include_paediatric: bool = False) 
     return out
 
 
+def training_split(records: Sequence[Record], val_fraction: float = 0.2, seed: int = 0,
+                   include_paediatric: bool = False) -> tuple[list[Record], list[Record]]:
+    """The (train, val) split :func:`train` uses: labelled (adult) images, by patient."""
+    usable = usable_records(records, include_paediatric)
+    if len({r.triage_label for r in usable}) < 2:
+        raise ValueError("need at least two of covid19 / normal / pneumonia among the records")
+    return split(usable, val_fraction, seed)
+
+
 def jitter_crop(image: np.ndarray, finding: LungFinding, rng: np.random.Generator, amount: float = 0.04) -> np.ndarray:
     if not finding.crop_used or finding.lung_bbox is None:
         return image
@@ -84,10 +93,7 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
     has one (same box rules); the demo recipe uses it to skip segmenting every phantom.
     """
     torch.manual_seed(seed)
-    usable = usable_records(records, include_paediatric)
-    if len({r.triage_label for r in usable}) < 2:
-        raise ValueError("need at least two of covid19 / normal / pneumonia among the records")
-    train_set, val_set = split(usable, val_fraction, seed)
+    train_set, val_set = training_split(records, val_fraction, seed, include_paediatric)
     val_set = val_set[:max_val] if max_val else val_set
     usable = train_set + val_set
     dev = resolve_device(device)
