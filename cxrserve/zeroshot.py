@@ -211,7 +211,9 @@ def load_text_encoder(component_dir: str | Path, device: torch.device) -> torch.
         raise FileNotFoundError(
             f"{path} missing: export with `cxrserve zeroshot export CKPT FOLDER` or `cxrserve store build`"
         )
-    return torch.jit.load(str(path), map_location=device).eval()
+    from .runtime import load_torchscript  # the GPU-safe loader every TorchScript program uses
+
+    return load_torchscript(path, device).eval()
 
 
 @register_pipeline
