@@ -389,8 +389,12 @@ def to_dicom(image: np.ndarray, *, transfer_syntax: str = "explicit_le", photome
              rescale: tuple[float, float] | None = None, window: tuple[float, float] | None = None,
              voi_lut: bool = False, modality_lut: bool = False, file_meta: bool = True, preamble: bool = True,
              frames: int = 1, sop_class: str = "dx", patient_name="PHANTOM^TEST", patient_id="PH0001",
-             birth_date="19600101", photometric_rgb: bool = False) -> bytes:
+             birth_date="19600101", photometric_rgb: bool = False, tags: dict | None = None) -> bytes:
     """Encode ``image`` (HxW uint8/uint16, MONOCHROME2 sense) as DICOM bytes.
+
+    * ``tags``: further header elements by keyword, set last (e.g. ``SOPInstanceUID``,
+      which also becomes the file meta's MediaStorageSOPInstanceUID, or
+      ``StudyDescription``).
 
     * ``bits_stored``: 2..16; BitsAllocated is 8 up to 8 bits, else 16; HighBit =
       bits_stored - 1; PixelRepresentation 0. Without a modality transformation the
@@ -451,6 +455,10 @@ def to_dicom(image: np.ndarray, *, transfer_syntax: str = "explicit_le", photome
     ds = _base_dataset(sop_class=sop_class, modality=modality, body_part=body_part,
                        view_position=view_position, patient_name=patient_name, patient_id=patient_id,
                        birth_date=birth_date, uid_seed=uid_seed)
+    for keyword, value in (tags or {}).items():
+        setattr(ds, keyword, value)
+        if keyword == "SOPInstanceUID":
+            ds.file_meta.MediaStorageSOPInstanceUID = value
     rows, cols = stored.shape[:2]
     ds.Rows, ds.Columns = rows, cols
     if photometric_rgb:

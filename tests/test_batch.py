@@ -20,34 +20,16 @@ import pytest
 
 from cxrserve import batch
 from cxrserve.batch import InProcessScorer, RemoteScorer, expand_inputs, run_batch
+from cxrserve.dicomwrite import to_dicom
 from cxrserve.phantoms import render, sample_spec
 
 PHI = ("Doe^Johnathan", "Johnathan", "PID-998877", "19450307", "1.2.826.0.1.3680043.8.498.424242")
 
 
 def dicom_bytes(img: np.ndarray, uid: str, **tags) -> bytes:
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, uid
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Doe^Johnathan", "PID-998877", "19450307"
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.Rows, ds.Columns = img.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = img.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    """A CR chest DICOM carrying PHI (name, id, birth date) and the given SOP Instance UID."""
+    return to_dicom(img, modality="CR", patient_name=PHI[0], patient_id=PHI[2], birth_date=PHI[3],
+                    tags={"SOPInstanceUID": uid, **tags})
 
 
 @pytest.fixture(scope="module")

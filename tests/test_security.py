@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from cxrserve.client import AuthenticationError, CXRClient
+from cxrserve.dicomwrite import to_dicom
 from cxrserve.phantoms import render, sample_spec
 from tsutil import REPO
 
@@ -31,31 +32,16 @@ IDENTIFIERS = (b"Johnathan", PID.encode(), BIRTH.encode(), b"Doe^")
 
 
 def phi_dicom(*, study_description: str | None = None, birth_date: str = BIRTH, view: str = "PA") -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
-
     img = render(sample_spec(4242, kind="frontal", height=256, width=256)).image
     # Keep the pixel data free of form-encoding characters so an un-typed body reaches
     # netty's form decoder with the header intact (the worst case for the logs).
     for b in (0x25, 0x26, 0x2B, 0x3D):
         img[img == b] = b + 1
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    tags = {"SOPInstanceUID": "1.2.826.0.1.3680043.8.498.77"}
     if study_description is not None:
-        ds.StudyDescription = study_description
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, PID, birth_date
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", view
-    ds.Rows, ds.Columns = img.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = img.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+        tags["StudyDescription"] = study_description
+    return to_dicom(img, modality="CR", view_position=view, patient_name=NAME, patient_id=PID,
+                    birth_date=birth_date, tags=tags)
 
 
 def logs_text(served) -> bytes:
