@@ -1,3 +1,3 @@
-from .cli import main
+from cxrserve.tools.cli import main
 
 raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""Validate responses against the JSON Schemas published in docs/schemas/."""
+"""Validate responses against the JSON Schemas: the common ones in docs/schemas/, each served
+model's in its family folder (found through the registry)."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,21 @@ from referencing import Registry, Resource
 SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
 
+def schema_paths() -> dict[str, Path]:
+    """Schema name (``cxr-triage``, ``common``, ``error``) -> file."""
+    from cxrserve import families
+
+    paths = {p.name.removesuffix(".schema.json"): p for p in SCHEMAS.glob("*.schema.json")}
+    for name, (family, served) in families.served().items():
+        if family.schema_path(served).exists():
+            paths[name] = family.schema_path(served)
+    return paths
+
+
 @lru_cache(maxsize=None)
 def _registry() -> Registry:
     resources = []
-    for path in SCHEMAS.glob("*.schema.json"):
+    for path in schema_paths().values():
         doc = json.loads(path.read_text())
         resource = Resource.from_contents(doc)
         resources.append((path.name, resource))
@@ -24,5 +36,5 @@ def _registry() -> Registry:
 
 def validate(instance: dict, name: str) -> None:
     """Raise ``jsonschema.ValidationError`` unless ``instance`` fits ``docs/schemas/<name>.schema.json``."""
-    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    schema = json.loads(schema_paths()[name].read_text())
     Draft202012Validator(schema, registry=_registry()).validate(instance)

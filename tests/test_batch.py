@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrserve import batch
-from cxrserve.batch import InProcessScorer, RemoteScorer, expand_inputs, run_batch
-from cxrserve.dicomwrite import to_dicom
-from cxrserve.phantoms import render, sample_spec
+from cxrserve.tools import batch
+from cxrserve.tools.batch import InProcessScorer, RemoteScorer, expand_inputs, run_batch
+from cxrserve.synthetic.dicomwrite import to_dicom
+from cxrserve.synthetic.phantoms import render, sample_spec
 
 PHI = ("Doe^Johnathan", "Johnathan", "PID-998877", "19450307", "1.2.826.0.1.3680043.8.498.424242")
 
@@ -146,7 +146,7 @@ def test_inputs_from_glob_and_csv(mixed, tmp_path):
 
 @pytest.mark.serve
 def test_rest_and_grpc_batches_match_in_process(mixed, in_process, served, tmp_path):
-    from cxrserve.client import CXRClient
+    from cxrserve.tools.client import CXRClient
 
     files = expand_inputs([mixed])
     reference = {r["input_id"]: r for r in read_rows(_run(files, tmp_path / "local.jsonl", in_process=in_process, root=mixed))}

@@ -14,7 +14,12 @@ import zipfile
 import pytest
 import yaml
 
-from cxrserve import bench
+from cxrserve.tools.bench.archives import variant_archive
+from cxrserve.tools.bench.cli import quick
+from cxrserve.tools.bench.measure import latency_summary
+from cxrserve.tools.bench.report import write_results
+from cxrserve.tools.bench.scores import max_abs_diff
+from cxrserve.tools.bench.suite import BenchOptions, run_suite
 
 MODEL = "cxr-lungseg"  # the smallest served chain: input gate + U-Net
 
@@ -22,11 +27,11 @@ MODEL = "cxr-lungseg"  # the smallest served chain: input gate + U-Net
 @pytest.fixture(scope="module")
 def suite(model_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    opts = bench.quick(bench.BenchOptions(
+    opts = quick(BenchOptions(
         store=model_store, work=model_store.parent / "build",  # checkpoints beside the store
         out=root / "results", cache=root / "cache", models=(MODEL,), data=None, progress=False))
-    results = bench.run_suite(opts)
-    return results, bench.write_results(results, opts.out)
+    results = run_suite(opts)
+    return results, write_results(results, opts.out)
 
 
 def test_every_path_answers(suite):
@@ -72,7 +77,7 @@ def test_sections_and_files(suite):
     env = saved["environment"]
     assert env["cores"] >= 1 and env["torch"] and env["onnxruntime"] and len(env["load_average_start"]) == 3
     assert saved["decode"] and saved["preprocess"]["rows"] and saved["threads"]
-    assert saved["growth"]["image_size"] and saved["growth"]["batch"] and saved["growth"]["pool"]
+    assert saved["growth"]["image_size"] and saved["growth"]["batch"]  # PXS pool growth: the pxs family's own test
     assert all(not i["name"].endswith(".dcm") for i in saved["inputs"])  # never a file name (SOP UIDs)
     text = md_path.read_text()
     assert "| model | path | mode |" in text and f"| {MODEL} | naive |" in text
@@ -82,7 +87,7 @@ def test_sections_and_files(suite):
 
 def test_variant_archive_changes_only_its_model_config(model_store, tmp_path):
     mar = model_store / f"{MODEL}.mar"
-    variant = bench.variant_archive(mar, tmp_path, f"{MODEL}-b1", {"batchSize": 1}, {"threads": 1})
+    variant = variant_archive(mar, tmp_path, f"{MODEL}-b1", {"batchSize": 1}, {"threads": 1})
     with zipfile.ZipFile(mar) as a, zipfile.ZipFile(variant) as b:
         assert a.namelist() == b.namelist()
         config = yaml.safe_load(b.read("model-config.yaml"))
@@ -95,7 +100,7 @@ def test_variant_archive_changes_only_its_model_config(model_store, tmp_path):
 
 
 def test_latency_summary_and_diff():
-    summary = bench.latency_summary([0.1, 0.2, 0.3, 0.4], wall=1.0)
+    summary = latency_summary([0.1, 0.2, 0.3, 0.4], wall=1.0)
     assert summary["throughput"] == 4.0 and summary["p50_ms"] == 250.0 and summary["p99_ms"] == 400.0
-    assert bench.max_abs_diff({"a": {"x": 0.5, "y": 1.0}}, {"a": {"x": 0.25}, "b": {"x": 9.0}}) == 0.25
-    assert bench.max_abs_diff({}, {"a": {"x": 1.0}}) is None
+    assert max_abs_diff({"a": {"x": 0.5, "y": 1.0}}, {"a": {"x": 0.25}, "b": {"x": 9.0}}) == 0.25
+    assert max_abs_diff({}, {"a": {"x": 1.0}}) is None

@@ -1,4 +1,4 @@
-"""Tests for cxrserve.datasets: readers, adapters, patient splits, torch wrapper."""
+"""Tests for cxrserve.training.datasets: readers, adapters, patient splits, torch wrapper."""
 from __future__ import annotations
 
 import csv
@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrserve import datasets as D
-from cxrserve.datasets import Record
+from cxrserve.training import datasets as D
+from cxrserve.training.datasets import Record
 
 
 # --------------------------------------------------------------------------- helpers
@@ -233,7 +233,7 @@ def test_read_folder_phantom_layout(tmp_path, caplog):
         dict(filename="images/gone.png", label="normal", patient_id="p9"),
     ]
     write_csv(root / "labels.csv", PHANTOM_HEADER, rows)
-    with caplog.at_level(logging.WARNING, logger="cxrserve.datasets"):
+    with caplog.at_level(logging.WARNING, logger="cxrserve.training.datasets"):
         recs = D.read_folder(root)
     assert "skipped 1 of 4" in caplog.text and "1 mask files" in caplog.text
     assert len(recs) == 3

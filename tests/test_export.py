@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cxrserve.card import ModelCard
-from cxrserve.checkpoint import load_model, save_checkpoint
-from cxrserve.export import ParityError, example_input, export_component, unpack_archive
-from cxrserve.lungs import DEFAULT_THRESHOLDS
+from cxrserve.core.card import ModelCard
+from cxrserve.models.checkpoint import load_model, save_checkpoint
+from cxrserve.core.files import unpack_archive
+from cxrserve.packaging.export import ParityError, example_input, export_component
+from cxrserve.families.triage.lungs import DEFAULT_THRESHOLDS
 from cxrserve.models import build_model
-from cxrserve.runtime import OnnxRuntime, TorchRuntime
+from cxrserve.core.runtime import OnnxRuntime, TorchRuntime
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_only_requested_formats_are_written(small_ckpt, tmp_path):
 
 
 def test_parity_failure_is_loud(small_ckpt, tmp_path, monkeypatch):
-    import cxrserve.export as export
+    import cxrserve.packaging.export as export
 
     real = export.parity
 

@@ -16,9 +16,9 @@ import cv2
 import pytest
 import requests
 
-from cxrserve.batch import RemoteScorer, expand_inputs, run_batch
-from cxrserve.client import CXRClient
-from cxrserve.phantoms import render, sample_spec
+from cxrserve.tools.batch import RemoteScorer, expand_inputs, run_batch
+from cxrserve.tools.client import CXRClient
+from cxrserve.synthetic.phantoms import render, sample_spec
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 

@@ -17,9 +17,9 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cxrserve.errors import CXRInputError
-from cxrserve.imageio import decode
-from cxrserve.phantoms import render, sample_spec
+from cxrserve.core.errors import CXRInputError
+from cxrserve.core.imageio import decode
+from cxrserve.synthetic.phantoms import render, sample_spec
 
 STATUSES = {200, 400, 413, 415, 422}
 
@@ -92,8 +92,8 @@ def test_decoder_on_random_bytes(data):
 # --------------------------------------------------------------------------- handler in process
 @pytest.fixture(scope="module")
 def handler(unpacked):
-    from cxrserve.serving import CXRHandler
-    from cxrserve.triage import LungSegPipeline
+    from cxrserve.core.serving import CXRHandler
+    from cxrserve.families.triage.pipeline import LungSegPipeline
     from tsutil import HandlerContext
 
     folder = unpacked("cxr-lungseg")

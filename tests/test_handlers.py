@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrserve.dicomwrite import to_dicom
-from cxrserve.phantoms import render, sample_spec
+from cxrserve.synthetic.dicomwrite import to_dicom
+from cxrserve.synthetic.phantoms import render, sample_spec
 from handlers_loader import handler_for, initialized_handler
 from schemas import validate
 

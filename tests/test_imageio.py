@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxrserve.dicomwrite import (LOSSLESS_SYNTAXES, TRANSFER_SYNTAXES, expected_output,
+from cxrserve.synthetic.dicomwrite import (LOSSLESS_SYNTAXES, TRANSFER_SYNTAXES, expected_output,
                                  non_image_dicom, to_dicom)
-from cxrserve.errors import MalformedInput, NotFrontalCXR, PayloadTooLarge, UnsupportedFormat
-from cxrserve.imageio import check_frontal_chest_header, decode
+from cxrserve.core.errors import MalformedInput, NotFrontalCXR, PayloadTooLarge, UnsupportedFormat
+from cxrserve.core.imageio import check_frontal_chest_header, decode
 
 
 @pytest.fixture(scope="module")
 def radiograph() -> np.ndarray:
     """A frontal phantom, uint8 MONOCHROME2, smallish for speed."""
-    from cxrserve.phantoms import render, sample_spec
+    from cxrserve.synthetic.phantoms import render, sample_spec
 
     return render(sample_spec(7, label="covid19", height=160, width=128)).image
 

@@ -1,6 +1,6 @@
 """KServe: the model repository layout, its config.properties, and KServe v2 requests.
 
-A second TorchServe runs the repository written by ``python -m cxrserve.kserve`` with
+A second TorchServe runs the repository written by ``python -m cxrserve.tools.kserve_repository`` with
 the very ``config.properties`` KServe would mount (``service_envelope=kservev2``), only
 its addresses moved to free loopback ports, and every served model is asked over the
 Open Inference Protocol (``POST /v2/models/<name>/infer``), including concurrent
@@ -19,7 +19,10 @@ import pytest
 import requests
 import yaml
 
-from cxrserve import kserve, server
+from cxrserve.core import kserve
+from cxrserve.tools.kserve_repository import prepare_model_repository
+
+from cxrserve.tools import server
 from tsutil import REPO, free_port
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
@@ -28,7 +31,7 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 def phantom_png(seed: int = 1) -> bytes:
     import cv2
 
-    from cxrserve.phantoms import render, sample_spec
+    from cxrserve.synthetic.phantoms import render, sample_spec
 
     img = render(sample_spec(seed, kind="frontal", height=256, width=256)).image
     return cv2.imencode(".png", img)[1].tobytes()
@@ -36,7 +39,7 @@ def phantom_png(seed: int = 1) -> bytes:
 
 @pytest.fixture(scope="module")
 def repository(model_store, tmp_path_factory) -> Path:
-    return kserve.prepare_model_repository(model_store, tmp_path_factory.mktemp("kserve-repo"))
+    return prepare_model_repository(model_store, tmp_path_factory.mktemp("kserve-repo"))
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +146,8 @@ def test_batch_against_the_kserve_endpoint(kserve_served, tmp_path):
     """``cxrserve batch --kserve``: the batch client speaks v2 to a cluster endpoint."""
     import json
 
-    from cxrserve.batch import RemoteScorer, expand_inputs, run_batch
-    from cxrserve.client import CXRClient
+    from cxrserve.tools.batch import RemoteScorer, expand_inputs, run_batch
+    from cxrserve.tools.client import CXRClient
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrserve.client import CXRClient, CXRServeError
-from cxrserve.phantoms import render, sample_spec
+from cxrserve.tools.client import CXRClient, CXRServeError
+from cxrserve.synthetic.phantoms import render, sample_spec
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 

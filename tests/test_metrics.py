@@ -1,4 +1,4 @@
-"""Tests for cxrserve.metrics against hand-computed values and scipy."""
+"""Tests for cxrserve.training.metrics against hand-computed values and scipy."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cxrserve import metrics as M
+from cxrserve.training import metrics as M
 
 
 # --------------------------------------------------------------------------- segmentation

@@ -12,9 +12,9 @@ import cv2
 import pytest
 import requests
 
-from cxrserve.errors import MalformedInput
-from cxrserve.phantoms import render, sample_spec
-from cxrserve.servemetrics import batch_metrics
+from cxrserve.core.errors import MalformedInput
+from cxrserve.synthetic.phantoms import render, sample_spec
+from cxrserve.core.servemetrics import batch_metrics
 
 LINE = re.compile(r'^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>[-+0-9.eE]+|NaN)$')
 
@@ -77,7 +77,7 @@ def test_metrics_endpoint_counts_requests_stages_gate_and_scores(served):
 
 
 def test_batch_metrics_records():
-    from cxrserve.errors import NotFrontalCXR
+    from cxrserve.core.errors import NotFrontalCXR
 
     gate = {"verdict": "inverted_cxr", "score": 0.02, "threshold": 0.5, "enforced": True}
     results = [

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrserve.phantoms import (CSV_COLUMNS, KINDS, LABELS, STYLES, PhantomSpec, death_probability,
+from cxrserve.synthetic.phantoms import (CSV_COLUMNS, KINDS, LABELS, STYLES, PhantomSpec, death_probability,
                                extent_score, render, render_many, sample_spec, write_dataset)
 
 S = 192  # small renders keep the suite fast; geometry is resolution independent

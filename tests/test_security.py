@@ -5,12 +5,11 @@ say so: its token check throws ``InvalidKeyException`` (a ``ModelException``), w
 ``HttpRequestHandler`` maps to 400 in code, and the gRPC interceptor answers
 ``PERMISSION_DENIED``. These tests pin what the server really does (the request is
 refused before any handler runs, for inference, health, management and gRPC) and that
-``cxrserve.client`` reports it as a 401 ``AuthenticationError``.
+``cxrserve.tools.client`` reports it as a 401 ``AuthenticationError``.
 """
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import socket
@@ -20,9 +19,9 @@ import cv2
 import pytest
 import requests
 
-from cxrserve.client import AuthenticationError, CXRClient
-from cxrserve.dicomwrite import to_dicom
-from cxrserve.phantoms import render, sample_spec
+from cxrserve.tools.client import AuthenticationError, CXRClient
+from cxrserve.synthetic.dicomwrite import to_dicom
+from cxrserve.synthetic.phantoms import render, sample_spec
 from tsutil import REPO
 
 pytestmark = pytest.mark.serve

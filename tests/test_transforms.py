@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from cxrserve.transforms import (PREPROCESSING, CenterCrop, PadToSquare, SeedThreeChannel, TrimBorder,
+from cxrserve.core.transforms import (PREPROCESSING, CenterCrop, PadToSquare, SeedThreeChannel, TrimBorder,
                                  build_augment, build_transform)
 
 
 @pytest.fixture(scope="module")
 def film() -> np.ndarray:
-    from cxrserve.phantoms import render, sample_spec
+    from cxrserve.synthetic.phantoms import render, sample_spec
 
     return render(sample_spec(3, label="pneumonia", height=300, width=260)).image
 
@@ -72,10 +72,10 @@ def test_augment_is_reproducible_and_keeps_mask_aligned(film):
 def test_training_eval_inputs_equal_handler_inputs(tmp_path, pipeline, monkeypatch):
     """The tensors training evaluates on are the tensors the served handler computes."""
     import handlers_loader
-    from cxrserve.datasets import read_folder
-    from cxrserve.phantoms import write_dataset
-    from cxrserve.tasks.common import ImageCache
-    from cxrserve.triage import classifier_input, find_lungs
+    from cxrserve.training.datasets import read_folder
+    from cxrserve.synthetic.phantoms import write_dataset
+    from cxrserve.training.common import ImageCache
+    from cxrserve.families.triage.pipeline import classifier_input, find_lungs
 
     root = write_dataset(tmp_path / "ph", 4, seed=77, height=288, width=256, dicom_every=2)
     records = read_folder(root)
@@ -99,7 +99,7 @@ def test_training_eval_inputs_equal_handler_inputs(tmp_path, pipeline, monkeypat
     cache = ImageCache(max_side=None)
     seg = triage.parts["lungseg"]
     images = [cache.image(r) for r in records]
-    from cxrserve.imageio import read_file
+    from cxrserve.core.imageio import read_file
 
     images += [read_file(root / row).uint8 for row in ("dicom/000000.dcm", "dicom/000002.dcm")]
     findings = find_lungs(images, seg.runtime, seg.card.preprocessing, seg.card.thresholds)

@@ -14,8 +14,8 @@ import pytest
 import requests
 from PIL import Image
 
-from cxrserve.phantoms import render, sample_spec
-from cxrserve.ui.app import VIEWS, UIConfig, make_server
+from cxrserve.synthetic.phantoms import render, sample_spec
+from cxrserve.tools.ui.app import UIConfig, make_server, views
 from schemas import validate
 
 UI = {"X-CXR-UI": "1"}
@@ -110,7 +110,7 @@ def test_api_guards_answer_clearly(offline_ui, case, status, error):
 def test_models_list_says_when_torchserve_cannot_be_asked(offline_ui):
     info = requests.get(f"{offline_ui.url}api/models", timeout=10).json()
     assert info["management"] == "unavailable"
-    assert [m["name"] for m in info["models"]] == [v.name for v in VIEWS]
+    assert [m["name"] for m in info["models"]] == [v.name for v in views()]
     assert all(m["served"] is None for m in info["models"])
 
 
@@ -129,7 +129,7 @@ def test_models_list_matches_the_store(live_ui, served):
     info = requests.get(f"{live_ui.url}api/models", timeout=10).json()
     assert info["management"] == "ok"
     by_name = {m["name"]: m["served"] for m in info["models"]}
-    for view in VIEWS:
+    for view in views():
         assert by_name[view.name] == (view.name in served.models)
     assert all(by_name.get(name) for name in served.models)
 
@@ -155,7 +155,7 @@ def test_proxy_returns_what_torchserve_returns(live_ui, served, frontal_png):
 def test_every_served_model_answers_with_its_pictures(live_ui, served, frontal_png):
     pictures = {"cxr-triage": "heatmap_png", "cxr-lungseg": "overlay_png", "cxr-severity": "saliency_png",
                 "cxr-mortality": "overlay_png"}
-    for view in VIEWS:
+    for view in views():
         payload = {"image": b64(frontal_png)}
         if view.takes_prior:
             payload["prior"] = b64(frontal_png)
@@ -169,6 +169,10 @@ def test_every_served_model_answers_with_its_pictures(live_ui, served, frontal_p
         if view.name in pictures:
             picture = Image.open(io.BytesIO(base64.b64decode(body[pictures[view.name]])))
             assert picture.size == (320, 320)
+        if view.name == "cxr-study":  # one request, every family's section with its picture
+            for name, field in pictures.items():
+                assert field in body["results"][name.removeprefix("cxr-")], name
+            body = body["results"]["pxs"]
         if view.takes_prior:
             assert body["change"]["distance"] == pytest.approx(0.0, abs=1e-3)
 

@@ -7,16 +7,18 @@ from the OS packages (``make browser`` installs it); Playwright never downloads 
 """
 from __future__ import annotations
 
-import io
 import threading
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from cxrserve.dicomwrite import to_dicom
-from cxrserve.phantoms import render, sample_spec
-from cxrserve.ui.app import VIEWS, UIConfig, make_server
+from cxrserve.synthetic.dicomwrite import to_dicom
+from cxrserve.synthetic.phantoms import render, sample_spec
+from cxrserve.tools.ui.app import UIConfig, make_server, views
+
+FAMILY_VIEWS = [v for v in views() if not v.composes]  # cards; the composed study fills them
+STUDY_VIEW = next((v.name for v in views() if v.composes), None)
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -98,23 +100,25 @@ def test_upload_shows_every_model_with_its_overlay(browser, viewer, served, stud
     page, errors = open_page(browser, viewer, served)
     analyse(page, study_files["study"], prior=study_files["prior"])
     page.screenshot(path=str(ARTIFACTS / "ui-viewer.png"), full_page=True)
-    for view in VIEWS:
-        expected = "done" if view.name in served.models else "not-served"
+    if STUDY_VIEW in served.models:  # one request answered every card
+        assert page.get_attribute("body", "data-requests") == STUDY_VIEW
+    for view in FAMILY_VIEWS:
+        expected = "done" if view.name in served.models or STUDY_VIEW in served.models else "not-served"
         assert card_state(page, view.name) == expected, (view.name, page.inner_text(f"#card-{view.name}"))
     assert "cxr-zeroshot" in served.models
     assert page.locator("#card-cxr-zeroshot .bar").count() == 14
     pictures = {"cxr-triage": "heatmap", "cxr-lungseg": "overlay", "cxr-severity": "saliency",
                 "cxr-mortality": "overlay"}
     for name, picture in pictures.items():
-        if name in served.models:
+        if name in served.models or STUDY_VIEW in served.models:
             assert image_loaded(page, f"#card-{name} img[data-picture='{picture}']"), name
     if "cxr-triage" in served.models:
         assert "lung box" in page.inner_text("#card-cxr-triage")
     if "cxr-pxs" in served.models:
         assert page.get_attribute("#card-cxr-pxs [data-direction]", "data-direction") in ("worse", "better", "stable")
         assert "pool percentile" in page.inner_text("#card-cxr-pxs")
-    for view in VIEWS:
-        if view.name not in served.models:
+    for view in FAMILY_VIEWS:
+        if view.name not in served.models and STUDY_VIEW not in served.models:
             assert "not served" in page.inner_text(f"#card-{view.name}")
     assert image_loaded(page, "#preview-image")
     assert errors == []
@@ -140,7 +144,7 @@ def test_rejected_file_shows_its_status_and_message(browser, viewer, served, stu
     analyse(page, study_files["garbage"])
     page.screenshot(path=str(ARTIFACTS / "ui-viewer-rejected.png"), full_page=True)
     for name in served.models:
-        if name in {v.name for v in VIEWS}:
+        if name in {v.name for v in FAMILY_VIEWS}:
             assert card_state(page, name) == "error", name
             text = page.inner_text(f"#card-{name}")
             assert "415" in text and "DICOM, PNG or JPEG" in text, text

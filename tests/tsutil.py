@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from cxrserve import server
+from cxrserve.tools import server
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ that no severity, survival or mask target lives in) are re-encoded at ``--qualit
 copy fits a transfer limit of about 55 MiB. ieee8023, gb_covid and OpenIST images stay
 untouched.
 
-``--verify`` checks that :func:`cxrserve.datasets.read_shared` gives the same records
+``--verify`` checks that :func:`cxrserve.training.datasets.read_shared` gives the same records
 (count per source, labels, patients, duplicate links) and the same patient-level splits
 as the original: duplicate links come from image thumbnails, so re-encoding must not
 move any of them. The destination must be git-ignored (``/.gpu_data/`` in
@@ -64,7 +64,7 @@ def pack(src: Path, dst: Path, reencode: tuple[str, ...], quality: int) -> None:
 
 
 def _summary(records) -> list[tuple]:
-    from cxrserve.datasets import patient_groups
+    from cxrserve.training.datasets import patient_groups
 
     groups = patient_groups(records)
     return [(r.source, r.relpath, r.label, r.patient_id, tuple(sorted(map(tuple, r.links))), g,
@@ -75,7 +75,7 @@ def _summary(records) -> list[tuple]:
 def verify(src: Path, dst: Path) -> bool:
     from collections import Counter
 
-    from cxrserve.datasets import patient_split, read_shared
+    from cxrserve.training.datasets import patient_split, read_shared
 
     a, b = read_shared(src), read_shared(dst)
     ca, cb = Counter(r.source for r in a), Counter(r.source for r in b)

@@ -34,11 +34,10 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def _import_all() -> None:
-    # Import lazily so `import cxrserve.models` stays cheap for clients.
-    from . import classifiers, unet  # noqa: F401
-    for optional in ("siamese", "xrv", "clip", "gate"):
-        try:
-            __import__(f"{__name__}.{optional}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{optional}":
-                raise
+    """Import every architecture module of this package (each registers itself); no list to keep."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "checkpoint":
+            importlib.import_module(f"{__name__}.{info.name}")

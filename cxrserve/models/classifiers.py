@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from . import register_model
+from cxrserve.models import register_model
 
 
 class CAMResNet(nn.Module):

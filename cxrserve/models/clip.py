@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import register_model
+from cxrserve.models import register_model
 
 #: ViT-B/32, the configuration of OpenAI's ``ViT-B/32`` and of CheXzero's released checkpoints.
 VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
@@ -246,7 +246,7 @@ class ZeroShotCLIP(nn.Module):
 
     ``forward(image)`` returns the members' L2-normalised image embeddings
     ``[N, members, embed_dim]``; :meth:`encode_text` the same for token ids. Scores are
-    averaged over members by the caller (:mod:`cxrserve.zeroshot`), as CheXzero
+    averaged over members by the caller (:mod:`cxrserve.families.zeroshot.pipeline`), as CheXzero
     averages its checkpoints' predictions.
     """
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import register_model
+from cxrserve.models import register_model
 
 GATE_LABELS = ("frontal_cxr", "inverted_cxr", "other")
 

@@ -4,7 +4,7 @@ Both branches of the seed's Siamese network are one DenseNet121 trunk with share
 weights, and the seed kept torchvision's 1000-way classifier as the embedding layer,
 so an image's embedding is the trunk's 1000-d output. Only the trunk is exported and
 served: the pair distance, the pool median (PXS) and the change between two studies
-are computed from embeddings in :mod:`cxrserve.pxs`, on the worker's device.
+are computed from embeddings in :mod:`cxrserve.families.pxs.pipeline`, on the worker's device.
 
 Input: the ``pxs`` preprocessing (3 x 320 x 320, 0..1, no ImageNet mean/std).
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from . import register_model
+from cxrserve.models import register_model
 
 
 class SiameseDenseNet(nn.Module):

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from . import register_model
+from cxrserve.models import register_model
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from . import register_model
+from cxrserve.models import register_model
 
 #: torchxrayvision's 18-slot label space (``xrv.datasets.default_pathologies``), in output order.
 XRV_PATHOLOGIES = (

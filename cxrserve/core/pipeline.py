@@ -1,0 +1,451 @@
+"""The served-model template shared by TorchServe handlers, the CLI and batch jobs.
+
+A :class:`Pipeline` is one served model (``cxr-triage``, ``cxr-pxs``, ...): it loads
+its components (each a folder with ``metadata.json`` and ``model.pt``/``model.onnx``)
+once, then scores a list of decoded studies at a time. Its contract:
+
+* ``predict(items)`` returns one entry per item, a response ``dict`` or a
+  :class:`~cxrserve.core.errors.CXRInputError`; an item's failure never touches its
+  neighbours;
+* every response starts from :meth:`Pipeline.base_response` (model, version,
+  warnings, input facts), so the fields common to all models are written once;
+* request options are declared per pipeline in ``OPTIONS`` and parsed here, so a bad
+  option value is a 400 naming the option.
+* before any model runs, every image is screened: model-free input checks
+  (:mod:`cxrserve.core.input_checks`), DICOM header facts
+  (:func:`~cxrserve.core.imageio.check_frontal_chest_header`), then the learned input gate
+  when the archive ships a ``gate`` component (:meth:`Pipeline.run_gate`): its verdict
+  is in every response, and below its threshold the request is a 422.
+
+Handlers are thin adapters from TorchServe requests to :class:`Item` lists
+(:mod:`cxrserve.core.serving`); ``cxrserve predict`` and ``cxrserve batch --in-process``
+call the same pipelines without a server.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from cxrserve.core.card import ModelCard
+from cxrserve.core.errors import CXRInputError, MalformedInput, NotFrontalCXR
+from cxrserve.core.options import Option, parse_bool
+from cxrserve.core.imageio import MAX_BYTES, MAX_PIXELS, XRay, check_frontal_chest_header, decode
+from cxrserve.core.runtime import Runtime, load_runtime, pick_device
+from cxrserve.core.transforms import build_transform
+from cxrserve.core.input_checks import check_input
+
+log = logging.getLogger(__name__)
+
+#: Folder name of the input gate inside an archive (see :meth:`Pipeline.run_gate`).
+GATE_COMPONENT = "gate"
+#: The gate's accepting label.
+FRONTAL = "frontal_cxr"
+#: Every pipeline decodes to at least this shorter side (the largest need of any served family,
+#: the triage crop's): every endpoint and cxr-study then decode a file to the same pixels, so a
+#: study's sections equal the endpoints' answers number for number.
+DECODE_FLOOR = 1024
+#: Request option of every pipeline: decode at full resolution (pictures drawn at full size).
+FULL_RESOLUTION = "full_resolution"
+FULL_RESOLUTION_HELP = ("decode every pixel of the file (slower); by default only the resolution the "
+                        "models read is decoded and pictures are drawn on that copy, then scaled")
+
+
+def gate_verdict(labels, probs, threshold: float) -> str:
+    """The gate's rule, the one copy: ``frontal_cxr`` when P(frontal) >= threshold, else the
+    likeliest other label (e.g. ``inverted_cxr``, ``not_frontal_cxr``)."""
+    probs = [float(p) for p in probs]
+    labels = list(labels)
+    if probs[labels.index(FRONTAL)] >= threshold:
+        return FRONTAL
+    others = {label: p for label, p in zip(labels, probs) if label != FRONTAL}
+    return max(others, key=others.get)
+
+
+@dataclass
+class Item:
+    """One study to score: the decoded image, named extra images, parsed options."""
+
+    xray: XRay
+    options: dict = field(default_factory=dict)
+    images: dict[str, XRay] = field(default_factory=dict)  # e.g. {"prior": XRay}
+    gate: dict | None = None  # input gate verdict for the main image, set by Pipeline.predict
+    #: findings computed once and reused by every pipeline scoring this study in one
+    #: process (``cxr-study``), e.g. ``{"lungs": (component, LungFinding)}``
+    shared: dict = field(default_factory=dict)
+
+
+@dataclass
+class Limits:
+    max_bytes: int = MAX_BYTES
+    max_pixels: int = MAX_PIXELS
+    max_batch: int = 16
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage for the batch in flight (exported as metrics)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def reset(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+@dataclass
+class Component:
+    card: ModelCard
+    runtime: Runtime
+    path: Path
+    _transform: Any = field(default=None, repr=False, compare=False)
+
+    def transform(self):
+        """The card's preprocessing, built once: transforms are stateless and thread-safe."""
+        if self._transform is None:
+            self._transform = build_transform(self.card.preprocessing)
+        return self._transform
+
+
+# --------------------------------------------------------------------------- pipeline
+class Pipeline:
+    name: ClassVar[str] = ""
+    components: ClassVar[tuple[str, ...]] = ()
+    #: components that must stay differentiable (TorchScript even when backend=onnx)
+    autograd_components: ClassVar[tuple[str, ...]] = ()
+    extra_images: ClassVar[tuple[str, ...]] = ()
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    #: response fields (dotted paths) that are this model's main numbers: the columns
+    #: ``cxrserve batch --model cxr-study`` writes for it
+
+    def __init__(self, model_dir: str | Path, *, device: torch.device | None = None,
+                 config: dict | None = None, shared: dict | None = None):
+        self.model_dir = Path(model_dir)
+        # Loaded components keyed by (folder, backend, threads, device): pipelines built with the
+        # same dict (the families of ``cxr-study``) load each component once.
+        self._shared_components = shared
+        self.config = dict(config or {})
+        self.device = device or torch.device("cpu")
+        self.limits = Limits(
+            max_bytes=int(self.config.get("max_bytes", MAX_BYTES)),
+            max_pixels=int(self.config.get("max_pixels", MAX_PIXELS)),
+            max_batch=int(self.config.get("max_batch", 16)),
+        )
+        self.backend = self.config.get("backend", "torchscript")
+        self.timer = StageTimer()
+        self.parts: dict[str, Component] = {}
+        for name in self.components:
+            self.parts[name] = self._load_component(name)
+        self.gate = self._load_gate()
+        self.setup()
+
+    def _load_gate(self) -> Component | None:
+        """The archive's input gate (a ``gate`` component folder), if it ships one.
+
+        Every served pipeline screens with it; it is not in ``components`` because it
+        is shared by all models and optional for archives built before it existed.
+        """
+        shared_gate = (self._shared_components or {}).get(GATE_COMPONENT)
+        if shared_gate is not None:  # pipelines composed into one (cxr-study) share one gate
+            return shared_gate
+        if "gate" in self.components or not (self.model_dir / GATE_COMPONENT / "metadata.json").exists():
+            return self.parts.get("gate")
+        return self._load_component(GATE_COMPONENT)
+
+    @property
+    def gate_threshold(self) -> float:
+        """Accept when P(frontal CXR) >= this: ``handler: gate_threshold`` else the gate card's."""
+        if "gate_threshold" in self.config:
+            return float(self.config["gate_threshold"])
+        return float(self.gate.card.thresholds.get("accept", 0.5)) if self.gate else 0.0
+
+    @property
+    def gate_enforced(self) -> bool:
+        """Reject (422) below the threshold? ``handler: gate_enforce`` (true | false | auto).
+
+        ``auto`` (default) enforces a gate trained on real radiographs and only reports
+        the verdict of a demo gate: one trained on phantoms alone cannot judge real
+        films, and the demo models answer real films with a DEMO warning anyway.
+        """
+        value = self.config.get("gate_enforce", "auto")
+        if str(value).strip().lower() == "auto":
+            return self.gate is not None and not self.gate.card.demo
+        return parse_bool(value)
+
+    def _load_component(self, name: str) -> Component:
+        path = self.model_dir / name
+        backend = "torchscript" if name in self.autograd_components else self.backend
+        threads = int(self.config.get("threads", 0))
+        key = (str(path.resolve()), backend, threads, str(self.device))
+        if self._shared_components is not None and key in self._shared_components:
+            return self._shared_components[key]
+        card = ModelCard.load(path / "metadata.json")
+        runtime = load_runtime(path, backend, self.device, threads, self.config.get("ort_memory"))
+        component = Component(card, runtime, path)
+        if self._shared_components is not None:
+            self._shared_components[key] = component
+        return component
+
+    def setup(self) -> None:
+        """Per-model work done once at load (pools, text embeddings, transforms)."""
+
+    @property
+    def decode_target(self) -> int | None:
+        """Shorter side studies are decoded to (None: full size), see :mod:`cxrserve.core.fastdecode`.
+
+        ``handler: decode_size`` in the model config: ``auto`` (default: what the
+        components' preprocessing needs, :func:`~cxrserve.core.fastdecode.decode_need`, and at
+        least :data:`DECODE_FLOOR`), ``full``, or a pixel count.
+        """
+        value = str(self.config.get("decode_size", "auto")).strip().lower()
+        if value == "full":
+            return None
+        if value == "auto":
+            from cxrserve.core.fastdecode import decode_need
+
+            cards = [p.card for p in self.parts.values()] + ([self.gate.card] if self.gate else [])
+            return max(decode_need(cards), DECODE_FLOOR)
+        return int(value)
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def version(self) -> str:
+        cards = [p.card for p in self.parts.values()]
+        return "+".join(sorted({c.version for c in cards})) if cards else "unknown"
+
+    @property
+    def demo(self) -> bool:
+        return any(p.card.demo for p in self.parts.values())
+
+    def base_response(self, item: Item) -> dict:
+        warnings = list(item.xray.warnings)
+        seen = set(warnings)
+        for part in self.parts.values():
+            for w in part.card.warnings:
+                if w not in seen:
+                    warnings.append(w)
+                    seen.add(w)
+        response = {
+            "model": self.name,
+            "model_version": self.version,
+            "warnings": warnings,
+            "input": item.xray.info(),
+        }
+        if item.gate is not None:
+            response["input_gate"] = dict(item.gate)
+            if item.gate["verdict"] != "frontal_cxr":
+                warnings.append(f"input gate ({'demo, ' if self.gate.card.demo else ''}not enforced): "
+                                f"{item.gate['verdict']} (score {item.gate['score']:.3f} < {item.gate['threshold']:g})")
+        return response
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "model_version": self.version,
+            "demo": self.demo,
+            "backend": self.backend,
+            "device": str(self.device),
+            "options": {**{k: {"default": o.default, "help": o.help} for k, o in self.OPTIONS.items()},
+                        FULL_RESOLUTION: {"default": False, "help": FULL_RESOLUTION_HELP}},
+            "decode_size": self.decode_target or "full",
+            "components": {k: p.card.to_dict() for k, p in self.parts.items()},
+            "input_gate": ({"threshold": self.gate_threshold, "card": self.gate.card.to_dict()}
+                           if self.gate is not None else None),
+        }
+
+    # ----------------------------------------------------------------- requests
+    def parse_options(self, raw: dict) -> dict:
+        options = {}
+        for key, option in self.OPTIONS.items():
+            if key in raw and raw[key] is not None:
+                try:
+                    options[key] = option.parse(raw[key])
+                except (TypeError, ValueError) as err:
+                    raise MalformedInput(f"invalid value for option {key!r}: {err}") from err
+            else:
+                options[key] = option.default
+        return options
+
+    def make_item(self, images: dict[str, bytes], raw_options: dict) -> Item:
+        """Decode a request's files and options; raises CXRInputError (4xx)."""
+        main = images.get("image")
+        if main is None:
+            raise MalformedInput("no image in the request: post the file as the body or as form field 'image'")
+        try:
+            # also as the header X-CXR-Full-Resolution (header names use dashes)
+            full = parse_bool(raw_options.get(FULL_RESOLUTION, raw_options.get("full-resolution", False)))
+        except (TypeError, ValueError) as err:
+            raise MalformedInput(f"invalid value for option {FULL_RESOLUTION!r}: {err}") from err
+        target = None if full else self.decode_target
+        with self.timer.stage("decode"):
+            xray = decode(main, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels, target=target)
+            extra = {
+                name: decode(images[name], max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels,
+                             target=target)
+                for name in self.extra_images
+                if images.get(name) is not None
+            }
+        return Item(xray=xray, options=self.parse_options(raw_options), images=extra)
+
+    def make_items(self, requests) -> list[Item | CXRInputError]:
+        """A batch of ``(images, options)`` requests (errors pass through) -> items, one by one.
+
+        A pipeline that can do better (``cxr-study`` decodes a batch's files in threads)
+        overrides this; the TorchServe adapter and batch scoring always call it.
+        """
+        return [self.make_one(r) for r in requests]
+
+    def make_one(self, request) -> Item | CXRInputError:
+        """One ``(images, options)`` request -> its item, or its 4xx (an error passes through)."""
+        if isinstance(request, CXRInputError):
+            return request
+        try:
+            return self.make_item(*request)
+        except CXRInputError as err:
+            return err
+
+    # ----------------------------------------------------------------- scoring
+    def screen(self, item: Item) -> None:
+        """Reject what is certainly not a frontal CXR before any model runs (422).
+
+        Model-free rules first (:func:`cxrserve.core.input_checks.check_input`: DICOM type,
+        size, blank, colour), then the DICOM header's body part and view.
+        """
+        for image in (item.xray, *item.images.values()):
+            self.screen_image(image)
+
+    @staticmethod
+    def screen_image(image: XRay) -> None:
+        """One image's model-free and header checks (422), the one copy every pipeline runs."""
+        check_input(image)
+        check_frontal_chest_header(image)
+
+    def predict(self, items: list[Item | CXRInputError]) -> list[dict | CXRInputError]:
+        """Score a batch; entries that are already errors pass through untouched."""
+        results: list[dict | CXRInputError | None] = [None] * len(items)
+        todo: list[int] = []
+        for i, item in enumerate(items):
+            if isinstance(item, CXRInputError):
+                results[i] = item
+                continue
+            try:
+                self.screen(item)
+                todo.append(i)
+            except CXRInputError as err:
+                results[i] = err
+        if todo and self.gate is not None:
+            verdicts = self.run_gate([items[i] for i in todo])
+            kept = []
+            for i, err in zip(todo, verdicts):
+                if err is None:
+                    kept.append(i)
+                else:
+                    results[i] = err
+            todo = kept
+        if todo:
+            outputs = self._predict([items[i] for i in todo])
+            if len(outputs) != len(todo):
+                raise RuntimeError(f"{type(self).__name__}._predict returned {len(outputs)} results for {len(todo)} items")
+            for i, out in zip(todo, outputs):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def run_gate(self, items: list[Item]) -> list[CXRInputError | None]:
+        """Score every image of ``items`` with the input gate in one pass.
+
+        Sets ``item.gate`` (verdict, score, threshold, enforced) for the main image and
+        returns, per item, ``None`` (accepted, or gate not enforced) or a 422
+        :class:`NotFrontalCXR` naming the image that failed (``image`` or an extra image
+        such as ``prior``).
+        """
+        gate, threshold, enforced = self.gate, self.gate_threshold, self.gate_enforced
+        labels = list(gate.card.labels)
+        transform = gate.transform()
+        keys = [(n, name, xray) for n, it in enumerate(items)
+                for name, xray in (("image", it.xray), *it.images.items())]
+        with self.timer.stage("preprocess_gate"):
+            inputs = [transform(xray.uint8) for _, _, xray in keys]
+        with self.timer.stage("model_gate"):
+            outputs = gate.runtime.run_chunked(inputs, self.limits.max_batch)
+        errors: list[CXRInputError | None] = [None] * len(items)
+        for (n, name, _), out in zip(keys, outputs):
+            probs = [float(p) for p in out[0]]
+            score = probs[labels.index(FRONTAL)]
+            verdict = gate_verdict(labels, probs, threshold)
+            report = {"verdict": verdict, "score": round(score, 4), "threshold": threshold, "enforced": enforced}
+            if name == "image":
+                items[n].gate = report
+            if enforced and verdict != "frontal_cxr" and errors[n] is None:
+                what = "the image" if name == "image" else f"the {name} image"
+                reason = ("looks photometrically inverted (bone dark, lungs bright): check the "
+                          "PhotometricInterpretation (MONOCHROME1/2) of the source"
+                          if verdict == "inverted_cxr" else "does not look like a frontal chest radiograph")
+                errors[n] = NotFrontalCXR(
+                    f"input gate: {what} {reason} (score {score:.3f} < threshold {threshold:g})",
+                    detail={"input_gate": report, "field": name})
+        return errors
+
+    def _predict(self, items: list[Item]) -> list[dict | CXRInputError]:
+        raise NotImplementedError
+
+    def run(self, part: str, inputs: list[torch.Tensor]):
+        """Run component ``part`` on per-item tensors in chunks, timing it."""
+        with self.timer.stage(f"model_{part}"):
+            return self.parts[part].runtime.run_chunked(inputs, self.limits.max_batch)
+
+    def predict_bytes(self, data: bytes, options: dict | None = None, **images: bytes) -> dict:
+        """Convenience for the CLI and tests: one file in, one response (raises on 4xx)."""
+        item = self.make_item({"image": data, **images}, options or {})
+        result = self.predict([item])[0]
+        if isinstance(result, CXRInputError):
+            raise result
+        return result
+
+
+PIPELINE_SPEC = "pipeline.json"
+
+
+def write_pipeline_spec(folder: str | Path, pipeline_class: str | type, *, name: str, version: str = "0.1.0",
+                        handler: dict | None = None) -> Path:
+    """``pipeline.json``: which class serves a model folder, its served name and handler settings."""
+    import json
+
+    if isinstance(pipeline_class, type):
+        pipeline_class = f"{pipeline_class.__module__}:{pipeline_class.__qualname__}"
+    path = Path(folder) / PIPELINE_SPEC
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pipeline_class": pipeline_class, "name": name, "version": version,
+                                "handler": dict(handler or {})}, indent=2))
+    return path
+
+
+def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict | None = None) -> Pipeline:
+    """Load the pipeline of an unpacked archive or a ``.mar`` (``pipeline.json`` names its class)."""
+    import json
+
+    from cxrserve.core.family import import_object
+    from cxrserve.core.files import unpack_archive
+
+    model_dir = Path(model_dir)
+    if model_dir.suffix == ".mar":
+        import tempfile
+
+        model_dir = unpack_archive(model_dir, tempfile.mkdtemp(prefix=f"cxrserve-{model_dir.stem}-"))
+    spec = json.loads((model_dir / "pipeline.json").read_text())
+    if config is None:
+        config = spec.get("handler", {})
+    cls = import_object(spec["pipeline_class"])
+    return cls(model_dir, device=pick_device(0, device), config=config)

@@ -1,0 +1,96 @@
+"""Prometheus metrics a handler emits after each batch, through TorchServe's metrics API.
+
+With ``metrics_mode=prometheus`` and ``model_metrics_auto_detect=true``
+(``config.properties``) every metric a handler adds appears on the metrics address
+(``/metrics``, port 8082), labelled with ``ModelName``:
+
+===========================  =========  ==========================================
+``Stage_<stage>``            gauge, ms  last batch's time per stage: decode, preprocess,
+                                        model_<component>, preprocess_gate, heatmap, ...
+``CXRRequests``              counter    requests by ``Status`` (200/400/413/415/422/500)
+                                        and ``Outcome`` (ok / rejected)
+``CXRGateVerdicts``          counter    every gated image by ``Verdict`` (frontal_cxr,
+                                        inverted_cxr, other) and ``Enforced`` (true/false)
+``CXRGateRejections``        counter    422s from the input gate, by ``Verdict``
+``CXRGateScore``             histogram  the gate's P(frontal CXR) for every screened image
+``CXRScore``                 histogram  each response's scores by ``Output``: every
+                                        probability (``probabilities.<label>``) and
+                                        every top-level float (e.g. ``pxs_score``)
+===========================  =========  ==========================================
+
+:func:`batch_metrics` is pure (results in, metric records out) so it is tested
+without TorchServe; :func:`emit` writes the records to a TorchServe metrics cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from cxrserve.core.errors import CXRInputError
+
+#: Top-level float fields that are facts about the input, not model scores.
+NOT_SCORES = {"seconds"}
+
+
+@dataclass(frozen=True)
+class MetricRecord:
+    name: str
+    kind: str  # "counter" | "histogram" | "time"
+    value: float
+    dims: tuple[tuple[str, str], ...] = ()
+
+
+def _scores(result: dict) -> Iterable[tuple[str, float]]:
+    for key, value in result.items():
+        if isinstance(value, float) and key not in NOT_SCORES:
+            yield key, value
+        elif key in ("probabilities", "scores", "findings") and isinstance(value, dict):
+            for label, p in value.items():
+                if isinstance(p, (int, float)) and not isinstance(p, bool):
+                    yield f"{key}.{label}", float(p)
+        elif key == "results" and isinstance(value, dict):  # cxr-study: each family's section
+            for family, section in value.items():
+                if isinstance(section, dict) and "error" not in section:
+                    yield from ((f"{family}.{k}", v) for k, v in _scores(section))
+
+
+def _gate(gate: dict) -> list[MetricRecord]:
+    return [MetricRecord("CXRGateVerdicts", "counter", 1, (("Verdict", str(gate["verdict"])),
+                                                            ("Enforced", str(bool(gate.get("enforced"))).lower()))),
+            MetricRecord("CXRGateScore", "histogram", float(gate["score"]))]
+
+
+def batch_metrics(results: list, timings: dict[str, float]) -> list[MetricRecord]:
+    """Metric records for one handled batch (``results``: response dicts or input errors)."""
+    out = [MetricRecord(f"Stage_{stage}", "time", seconds * 1000.0) for stage, seconds in timings.items()]
+    for result in results:
+        if isinstance(result, CXRInputError):
+            out.append(MetricRecord("CXRRequests", "counter", 1,
+                                    (("Status", str(result.status)), ("Outcome", "rejected"))))
+            gate = (result.detail or {}).get("input_gate")
+            if gate:
+                out.append(MetricRecord("CXRGateRejections", "counter", 1, (("Verdict", str(gate["verdict"])),)))
+                out.extend(_gate(gate))
+            continue
+        out.append(MetricRecord("CXRRequests", "counter", 1, (("Status", "200"), ("Outcome", "ok"))))
+        gate = result.get("input_gate")
+        if gate:
+            out.extend(_gate(gate))
+        for output, value in _scores(result):
+            out.append(MetricRecord("CXRScore", "histogram", value, (("Output", output),)))
+    return out
+
+
+def emit(metrics, records: list[MetricRecord]) -> None:
+    """Write ``records`` to a TorchServe metrics cache (``context.metrics``)."""
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    for rec in records:
+        dims = [Dimension(k, v) for k, v in rec.dims]
+        if rec.kind == "time":
+            metrics.add_time(rec.name, rec.value, None, "ms", dims)
+        elif rec.kind == "counter":
+            metrics.add_counter(rec.name, rec.value, None, dims)
+        else:
+            metrics.add_metric(rec.name, rec.value, "value", None, dims, MetricTypes.HISTOGRAM)

@@ -1,0 +1,17 @@
+"""Mortality risk with a Grad-CAM activation overlay (research only).
+
+Pipeline: :mod:`.pipeline`; training (class weights, Platt calibration): :mod:`.task`.
+"""
+from cxrserve.core.family import Family, Served
+
+FAMILY = Family(
+    name="mortality",
+    package=__name__,
+    rank=40,
+    served=(
+        Served(name="cxr-mortality", pipeline="cxrserve.families.mortality.pipeline:MortalityPipeline",
+               components=("mortality",), headline=("risk", "risk_label"), picture_option="overlay",
+               gradcam=("mortality",), title="Mortality risk", seed="seed 004", viewer_options={"overlay": True}),
+    ),
+    tasks={"mortality": "cxrserve.families.mortality.task"},
+)

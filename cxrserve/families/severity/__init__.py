@@ -1,0 +1,19 @@
+"""Seed 003: geographic extent (0-8) and opacity (0-6) from a torchxrayvision DenseNet, with saliency.
+
+Pipeline: :mod:`.pipeline`; importing torchxrayvision's weights (``cxrserve import-xrv``):
+:mod:`.xrv_import`; training: :mod:`.task`.
+"""
+from cxrserve.core.family import Family, Served
+
+FAMILY = Family(
+    name="severity",
+    package=__name__,
+    rank=30,
+    served=(
+        Served(name="cxr-severity", pipeline="cxrserve.families.severity.pipeline:SeverityPipeline",
+               components=("severity",), headline=("geographic_extent", "opacity"), picture_option="saliency",
+               title="Geographic extent and opacity", seed="seed 003", viewer_options={"saliency": True}),
+    ),
+    tasks={"severity": "cxrserve.families.severity.task"},
+    cli=("cxrserve.families.severity.xrv_import",),
+)
