@@ -1,0 +1,526 @@
+"""DICOM result objects from a ``cxr-study`` response: SR (TID 1500), lung SEG, heatmap SCs.
+
+>>> objs = build_results(source_ds, study_response)      # list[pydicom.Dataset]
+>>> write_results(objs, "out/")                            # one .dcm per object
+
+Every object is placed in the source's study (Study Instance UID, patient and study
+modules copied from the source by highdicom) in a new series. Series and SOP Instance
+UIDs are derived from the source SOP Instance UID, the response's model version and the
+object kind (:func:`result_uid`), so scoring the same instance with the same models again
+produces the same UIDs: a PACS replaces (or ignores) the second copy instead of holding
+two result sets.
+
+Objects (``kind`` -> what):
+
+* ``sr``: Comprehensive SR, TID 1500 Measurement Report referencing the source image;
+  one measurement group (TID 1501) per family, each with its TID 4019 algorithm
+  identification (name, version, parameters: weights demo/trained, research use only),
+  plus one group for the input gate verdict. Codes: :data:`CODES` (``docs/DICOM.md``).
+* ``seg``: binary Segmentation of the lungs at the source geometry (``results.lungseg.mask_png``).
+* ``sc-triage`` / ``sc-severity`` / ``sc-mortality``: Secondary Capture of the Grad-CAM,
+  saliency and mortality CAM PNGs, labelled in SeriesDescription, ImageComments and
+  DerivationDescription.
+
+Responses that are a 4xx error body (decode or gate rejection, lateral, non-chest) make
+no objects: :func:`not_processed_reason` says why, for the caller's audit log.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.coding import Code
+
+log = logging.getLogger(__name__)
+
+#: Private coding scheme (PS3.16 8.2: private designators start with "99").
+PRIVATE_SCHEME = "99CXRSRV"
+PRIVATE_SCHEME_NAME = "cxrserve result concepts"
+PRIVATE_SCHEME_VERSION = "1"
+MANUFACTURER = "cxrserve"
+RESEARCH_NOTICE = ("RESEARCH USE ONLY: produced by cxrserve AI models that are not cleared or approved "
+                   "for clinical use; not for diagnosis or treatment decisions.")
+
+#: Series numbers of the result objects (one series per kind of object).
+SERIES_NUMBERS = {"sr": 9901, "seg": 9902, "sc-triage": 9903, "sc-severity": 9904, "sc-mortality": 9905}
+KINDS = tuple(SERIES_NUMBERS)
+
+
+def _p(value: str, meaning: str) -> Code:
+    return Code(value, PRIVATE_SCHEME, meaning)
+
+
+#: Every concept the SR uses. Standard codes where one exists (SCT, DCM, UCUM), the
+#: private scheme for the model outputs that have no standard concept.
+CODES = {
+    # standard
+    "procedure": Code("399208008", "SCT", "Plain chest X-ray"),
+    "lung": Code("39607008", "SCT", "Lung"),
+    "anatomical_structure": Code("91723000", "SCT", "Anatomical Structure"),
+    "ai": Code("123110", "DCM", "Artificial Intelligence"),
+    "yes": Code("373066001", "SCT", "Yes"),
+    "no": Code("373067005", "SCT", "No"),
+    "class_covid19": Code("840539006", "SCT", "COVID-19"),
+    "class_normal": Code("17621005", "SCT", "Normal"),
+    "class_pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "change_worse": Code("230993007", "SCT", "Worsening"),
+    "change_better": Code("385425000", "SCT", "Improved"),
+    "change_stable": Code("260388006", "SCT", "No status change"),
+    # private: model outputs
+    "triage_class": _p("CXR0001", "Chest X-ray triage class"),
+    "p_covid19": _p("CXR0002", "Probability of COVID-19 pattern"),
+    "p_normal": _p("CXR0003", "Probability of normal chest X-ray"),
+    "p_pneumonia": _p("CXR0004", "Probability of non-COVID pneumonia pattern"),
+    "pxs": _p("CXR0010", "Pulmonary X-ray severity score"),
+    "pxs_percentile": _p("CXR0011", "PXS percentile in normal reference pool"),
+    "prior_pxs": _p("CXR0012", "PXS of prior study"),
+    "prior_pxs_percentile": _p("CXR0013", "PXS percentile of prior study"),
+    "pxs_difference": _p("CXR0014", "PXS difference from prior study"),
+    "pxs_distance": _p("CXR0015", "Embedding distance from prior study"),
+    "pxs_change": _p("CXR0016", "Change since prior study"),
+    "pxs_change_threshold": _p("CXR0017", "PXS change threshold"),
+    "geographic_extent": _p("CXR0020", "Geographic extent score (0-8)"),
+    "opacity": _p("CXR0021", "Opacity score (0-6)"),
+    "lung_opacity_probability": _p("CXR0022", "Probability of lung opacity"),
+    "mortality_risk": _p("CXR0030", "Predicted mortality risk"),
+    "mortality_label": _p("CXR0031", "Mortality risk category"),
+    "mortality_high": _p("CXR0032", "High mortality risk"),
+    "mortality_low": _p("CXR0033", "Low mortality risk"),
+    "mortality_threshold": _p("CXR0034", "High mortality risk threshold"),
+    "gate_verdict": _p("CXR0050", "Input gate verdict"),
+    "gate_score": _p("CXR0051", "Probability of frontal chest radiograph"),
+    "gate_enforced": _p("CXR0053", "Input gate enforced"),
+    "lung_area_fraction": _p("CXR0060", "Lung area fraction of image"),
+    "segmentation_confidence": _p("CXR0061", "Lung segmentation confidence"),
+    "research_only": _p("CXR0090", "Research use only"),
+    "demo_weights": _p("CXR0091", "Demo model weights"),
+    "research_statement": _p("CXR0092", "Research use statement"),
+    "qualitative_container": Code("C0034375", "UMLS", "Qualitative Evaluations"),
+    # tracking / finding types of the groups
+    "family_lungseg": _p("CXR0100", "Lung segmentation"),
+    "family_triage": _p("CXR0101", "Triage classification"),
+    "family_pxs": _p("CXR0102", "Pulmonary X-ray severity"),
+    "family_severity": _p("CXR0103", "Lung opacity severity"),
+    "family_mortality": _p("CXR0104", "Mortality risk prediction"),
+    "family_zeroshot": _p("CXR0105", "Zero-shot findings"),
+    "family_gate": _p("CXR0106", "Input quality gate"),
+}
+UNITS = {
+    "probability": Code("1", "UCUM", "no units"),
+    "percent": Code("%", "UCUM", "Percent"),
+    "score": Code("{score}", "UCUM", "score"),
+}
+#: zero-shot labels with a SNOMED CT finding; the others get a private code ZS<hash>.
+ZEROSHOT_SCT = {
+    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
+    "cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
+    "consolidation": Code("95436008", "SCT", "Lung consolidation"),
+    "edema": Code("19242006", "SCT", "Pulmonary edema"),
+    "pleural effusion": Code("60046008", "SCT", "Pleural effusion"),
+    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
+    "fracture": Code("125605004", "SCT", "Fracture of bone"),
+}
+GATE_VERDICTS = {"frontal_cxr": _p("CXR0052", "Frontal chest radiograph")}
+#: Study sections this module maps to coded SR content (the code table in docs/DICOM.md);
+#: sections come in the registry's order and a section without a mapping is skipped.
+MAPPED_SECTIONS = frozenset(("lungseg", "triage", "pxs", "severity", "mortality", "zeroshot"))
+
+
+def section_order(results: dict) -> list[str]:
+    """The response's sections in the family registry's order (what the SR lists first)."""
+    from cxrserve import families
+
+    order = [s.key for _, s in families.served().values()]
+    return sorted((k for k in results if k in MAPPED_SECTIONS), key=lambda k: order.index(k) if k in order else len(order))
+HEATMAPS = {  # kind -> (family, field, label)
+    "sc-triage": ("triage", "heatmap_png", "Triage Grad-CAM heatmap"),
+    "sc-severity": ("severity", "saliency_png", "Severity saliency map"),
+    "sc-mortality": ("mortality", "overlay_png", "Mortality risk Grad-CAM"),
+}
+
+
+class NotProcessed(Exception):
+    """The input was not processed (4xx response): no result objects; ``reason`` for the audit log."""
+
+    def __init__(self, reason: str, status: int = 422):
+        super().__init__(reason)
+        self.reason, self.status = reason, status
+
+
+# --------------------------------------------------------------------------- helpers
+def result_uid(source_sop_uid: str, model_version: str, kind: str, what: str = "sop") -> str:
+    """A 2.25 UID from sha256(source SOP UID, model version, kind, what): stable across runs.
+
+    (``pydicom.uid.generate_uid(prefix=None)`` ignores its entropy sources, so the
+    UUID-sized integer is derived here, as PS3.5 B.2 allows for 2.25 UIDs.)"""
+    text = "\x1f".join(["cxrserve-results-v1", str(source_sop_uid), str(model_version), kind, what])
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return "2.25." + str(int.from_bytes(digest[:16], "big") >> 1)
+
+
+def zeroshot_code(label: str) -> Code:
+    """The finding concept of a zero-shot label: SNOMED CT when mapped, else private ``ZS<hash>``."""
+    key = label.strip().lower()
+    if key in ZEROSHOT_SCT:
+        return ZEROSHOT_SCT[key]
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:10].upper()
+    return _p(f"ZS{digest}", label.strip()[:64] or "unnamed")
+
+
+def gate_code(verdict: str) -> Code:
+    if verdict in GATE_VERDICTS:
+        return GATE_VERDICTS[verdict]
+    slug = re.sub(r"[^A-Z0-9]", "", verdict.upper())[:10] or "UNKNOWN"
+    return _p(f"GATE{slug}", verdict.replace("_", " ")[:64])
+
+
+def not_processed_reason(response: dict) -> str | None:
+    """Why a response makes no objects (a 4xx error body), or None when it is a result."""
+    status = response.get("status")
+    if "error" in response and isinstance(status, int) and status >= 400:
+        return f"{status} {response.get('error')}: {response.get('message', '')}"
+    if not isinstance(response.get("results"), dict):
+        return "not a cxr-study response (no 'results')"
+    return None
+
+
+def _section_ok(section) -> bool:
+    return isinstance(section, dict) and "error" not in section
+
+
+def _is_demo(section: dict) -> bool:
+    return any(str(w).startswith("DEMO MODEL") for w in section.get("warnings", []) or [])
+
+
+def decode_png(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def mask_from_png(b64: str) -> np.ndarray:
+    """The 0/255 lung mask PNG -> bool HxW."""
+    arr = decode_png(b64)
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    return arr > 127
+
+
+# --------------------------------------------------------------------------- SR
+def _algorithm(family: str, section: dict):
+    import highdicom as hd
+
+    params = [f"weights: {'demo' if _is_demo(section) else 'trained'}", "research use only: yes"]
+    return hd.sr.AlgorithmIdentification(name=section.get("model", f"cxr-{family}"),
+                                         version=str(section.get("model_version", "unknown"))[:64],
+                                         parameters=params, family=CODES["ai"], manufacturer=MANUFACTURER)
+
+
+def _m(key: str, value, unit: str, algorithm):
+    import highdicom as hd
+
+    return hd.sr.Measurement(name=CODES[key] if isinstance(key, str) else key, value=float(value),
+                             unit=UNITS[unit], algorithm_id=algorithm)
+
+
+def _q(name: Code, value: Code):
+    import highdicom as hd
+
+    return hd.sr.QualitativeEvaluation(name=name, value=value)
+
+
+def _family_items(family: str, s: dict, algorithm) -> tuple[list, list]:
+    """(measurements, qualitative evaluations) of one family section."""
+    m, q = [], []
+    if family == "lungseg":
+        if s.get("lung_area_fraction") is not None:
+            m.append(_m("lung_area_fraction", s["lung_area_fraction"], "probability", algorithm))
+        if s.get("segmentation_confidence") is not None:
+            m.append(_m("segmentation_confidence", s["segmentation_confidence"], "probability", algorithm))
+    elif family == "triage":
+        for cls in ("covid19", "normal", "pneumonia"):
+            m.append(_m(f"p_{cls}", s["probabilities"][cls], "probability", algorithm))
+        q.append(_q(CODES["triage_class"], CODES[f"class_{s['label']}"]))
+    elif family == "pxs":
+        m.append(_m("pxs", s["pxs"], "score", algorithm))
+        if s.get("pxs_percentile") is not None:
+            m.append(_m("pxs_percentile", s["pxs_percentile"], "percent", algorithm))
+        prior, change = s.get("prior"), s.get("change")
+        if prior:
+            m.append(_m("prior_pxs", prior["pxs"], "score", algorithm))
+            if prior.get("pxs_percentile") is not None:
+                m.append(_m("prior_pxs_percentile", prior["pxs_percentile"], "percent", algorithm))
+        if change:
+            m.append(_m("pxs_difference", change["pxs_difference"], "score", algorithm))
+            m.append(_m("pxs_distance", change["distance"], "score", algorithm))
+            m.append(_m("pxs_change_threshold", change["threshold"], "score", algorithm))
+            q.append(_q(CODES["pxs_change"], CODES[f"change_{change['direction']}"]))
+    elif family == "severity":
+        m.append(_m("geographic_extent", s["geographic_extent"], "score", algorithm))
+        m.append(_m("opacity", s["opacity"], "score", algorithm))
+        if s.get("lung_opacity_probability") is not None:
+            m.append(_m("lung_opacity_probability", s["lung_opacity_probability"], "probability", algorithm))
+    elif family == "mortality":
+        m.append(_m("mortality_risk", s["risk"], "probability", algorithm))
+        if s.get("threshold") is not None:
+            m.append(_m("mortality_threshold", s["threshold"], "probability", algorithm))
+        q.append(_q(CODES["mortality_label"], CODES[f"mortality_{s['risk_label']}"]))
+    elif family == "zeroshot":
+        for label, p in (s.get("probabilities") or {}).items():
+            m.append(_m(zeroshot_code(label), p, "probability", algorithm))
+    q.append(_q(CODES["research_only"], CODES["yes"]))
+    q.append(_q(CODES["demo_weights"], CODES["yes"] if _is_demo(s) else CODES["no"]))
+    return m, q
+
+
+def build_sr(source: Dataset, response: dict) -> Dataset:
+    """The TID 1500 Measurement Report (Comprehensive SR) of one response."""
+    import highdicom as hd
+
+    sop = str(source.SOPInstanceUID)
+    version = str(response.get("model_version", "unknown"))
+    results = response["results"]
+    image_ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+    groups = []
+    for family in section_order(results):
+        section = results.get(family)
+        if not _section_ok(section):
+            continue
+        algorithm = _algorithm(family, section)
+        measurements, qualitative = _family_items(family, section, algorithm)
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(sop, version, "sr", f"track-{family}"),
+                                                         identifier=f"cxrserve {family}"),
+            finding_type=CODES[f"family_{family}"], algorithm_id=algorithm,
+            finding_sites=[hd.sr.FindingSite(CODES["lung"])] if family != "zeroshot" else None,
+            measurements=measurements or None, qualitative_evaluations=qualitative or None,
+            source_images=[image_ref]))
+    gate = response.get("input_gate")
+    if gate:
+        gate_alg = hd.sr.AlgorithmIdentification(name="cxr-input-gate", version=version[:64],
+                                                 parameters=[f"threshold: {gate.get('threshold')}",
+                                                             "research use only: yes"],
+                                                 family=CODES["ai"], manufacturer=MANUFACTURER)
+        gate_q = [_q(CODES["gate_verdict"], gate_code(str(gate.get("verdict", "unknown")))),
+                  _q(CODES["gate_enforced"], CODES["yes"] if gate.get("enforced") else CODES["no"])]
+        gate_m = [_m("gate_score", gate["score"], "probability", gate_alg)] if gate.get("score") is not None else None
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(sop, version, "sr", "track-gate"),
+                                                         identifier="cxrserve input gate"),
+            finding_type=CODES["family_gate"], algorithm_id=gate_alg, measurements=gate_m,
+            qualitative_evaluations=gate_q, source_images=[image_ref]))
+    if not groups:
+        raise NotProcessed("no family section answered: nothing to report", status=500)
+    observer = hd.sr.ObserverContext(
+        observer_type=Code("121007", "DCM", "Device"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=result_uid("cxrserve-device", "", "device"), name="cxrserve", manufacturer_name=MANUFACTURER,
+            model_name=str(response.get("model", "cxrserve"))[:64]))
+    context = hd.sr.ObservationContext(observer_device_context=observer)
+    try:  # TID 4020 image library: highdicom needs the projection facts (ImagerPixelSpacing)
+        report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=CODES["procedure"],
+                                         imaging_measurements=groups, referenced_images=[source])
+    except (AttributeError, ValueError, TypeError) as err:  # e.g. a secondary capture of a film
+        log.debug("SR without image library: %s", err)
+        report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=CODES["procedure"],
+                                         imaging_measurements=groups)
+    # TID 1500 row 12-14: the Qualitative Evaluations container, here a TEXT item with
+    # the research-use statement, so every viewer that renders the SR tree shows it.
+    root = report[0]
+    text = hd.sr.TextContentItem(name=CODES["research_statement"], value=RESEARCH_NOTICE,
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container = hd.sr.ContainerContentItem(name=CODES["qualitative_container"],
+                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence([text])
+    root.ContentSequence.append(container)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[source], content=report[0], series_instance_uid=result_uid(sop, version, "sr", "series"),
+        series_number=SERIES_NUMBERS["sr"], sop_instance_uid=result_uid(sop, version, "sr"), instance_number=1,
+        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
+        series_description="AI results (cxrserve) - RESEARCH USE ONLY")
+    _add_coding_scheme(sr)
+    return sr
+
+
+def _add_coding_scheme(ds: Dataset) -> None:
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
+    item.CodingSchemeResponsibleOrganization = "cxrserve project (docs/DICOM.md)"
+    ds.CodingSchemeIdentificationSequence = DicomSequence([item])
+
+
+# --------------------------------------------------------------------------- SEG
+def build_seg(source: Dataset, response: dict) -> Dataset | None:
+    """Binary lung Segmentation at the source geometry, or None without a mask."""
+    import highdicom as hd
+
+    section = response["results"].get("lungseg")
+    if not _section_ok(section) or not section.get("mask_png"):
+        return None
+    mask = mask_from_png(section["mask_png"])
+    rows, cols = int(source.Rows), int(source.Columns)
+    if mask.shape != (rows, cols):
+        raise ValueError(f"lung mask is {mask.shape[1]}x{mask.shape[0]}, the source image {cols}x{rows}")
+    sop = str(source.SOPInstanceUID)
+    version = str(response.get("model_version", "unknown"))
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=section.get("model", "lungseg"), family=CODES["ai"],
+        version=str(section.get("model_version", "unknown"))[:64],
+        parameters={"weights": "demo" if _is_demo(section) else "trained", "research_use_only": "yes"})
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Lungs", segmented_property_category=CODES["anatomical_structure"],
+        segmented_property_type=CODES["lung"], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=result_uid(sop, version, "seg", "track"), tracking_id="cxrserve lungs")
+    geometry = source
+    if "PixelSpacing" in source and "SliceThickness" not in source:
+        # highdicom turns a projection film's PixelSpacing into a Pixel Measures item without
+        # the SliceThickness that item needs (its own reader and segread refuse it): the mask is
+        # at the source's rows x columns, so the SEG needs no spacing of its own
+        import copy
+
+        geometry = copy.copy(source)
+        del geometry.PixelSpacing
+    seg = hd.seg.Segmentation(
+        source_images=[geometry], pixel_array=mask[None].astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[description],
+        series_instance_uid=result_uid(sop, version, "seg", "series"), series_number=SERIES_NUMBERS["seg"],
+        sop_instance_uid=result_uid(sop, version, "seg"), instance_number=1, manufacturer=MANUFACTURER,
+        manufacturer_model_name=str(section.get("model", "lungseg")), software_versions=str(section.get("model_version", "unknown"))[:64],
+        device_serial_number="0", content_label="LUNGS", omit_empty_frames=False,
+        content_description="Lung segmentation (AI) - RESEARCH USE ONLY",
+        series_description="AI lung segmentation (cxrserve) - RESEARCH USE ONLY")
+    if "PatientOrientation" not in seg:
+        seg.PatientOrientation = list(_orientation(source))
+    return seg
+
+
+# --------------------------------------------------------------------------- SC
+def build_heatmaps(source: Dataset, response: dict) -> list[Dataset]:
+    """One Secondary Capture per heatmap PNG present in the response."""
+    import highdicom as hd
+
+    out = []
+    sop = str(source.SOPInstanceUID)
+    version = str(response.get("model_version", "unknown"))
+    orientation = _orientation(source)
+    for kind, (family, field, label) in HEATMAPS.items():
+        section = response["results"].get(family)
+        if not _section_ok(section) or not section.get(field):
+            continue
+        pixels = decode_png(section[field])
+        if pixels.ndim == 2:
+            pixels = np.stack([pixels] * 3, axis=-1)
+        pixels = np.ascontiguousarray(pixels[..., :3].astype(np.uint8))
+        what = f"{label} ({section.get('model', family)} {section.get('model_version', '')})".strip()
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", series_instance_uid=result_uid(sop, version, kind, "series"),
+            series_number=SERIES_NUMBERS[kind], sop_instance_uid=result_uid(sop, version, kind), instance_number=1,
+            manufacturer=MANUFACTURER, patient_orientation=orientation, transfer_syntax_uid="1.2.840.10008.1.2.1",
+            series_description=f"AI {label} - RESEARCH USE ONLY"[:64])
+        sc.ImageComments = f"{what}. {RESEARCH_NOTICE}"[:10240]
+        sc.DerivationDescription = f"{label}: AI explanation map over the source image"[:1024]
+        sc.BurnedInAnnotation = "NO"
+        sc.BodyPartExamined = str(source.get("BodyPartExamined", "") or "CHEST")  # unpaired: no Laterality
+        sc.ImageType = ["DERIVED", "SECONDARY"]
+        sc.ConversionType = "WSD"
+        src = Dataset()
+        src.ReferencedSOPClassUID = source.SOPClassUID
+        src.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        sc.SourceImageSequence = DicomSequence([src])
+        out.append(sc)
+    return out
+
+
+# --------------------------------------------------------------------------- all
+def clean_source(source: Dataset) -> Dataset:
+    """A header-only copy of the source whose copied values are valid for their VR.
+
+    Real files carry small errors that the result objects would inherit (and a
+    validator flags): a Patient's Age of ``68`` is written ``068Y``, a pixel spacing of
+    ``0\\0`` is dropped, missing Type 2 patient/study attributes are added empty.
+    """
+    import copy
+
+    ds = copy.copy(source)  # shallow: the pixel data is not touched
+    # Type 2 patient/study attributes highdicom copies: present (empty when unknown)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):  # "0\\0" (seen in NEMA WG04 films) is no spacing
+        value = ds.get(keyword)
+        if value is not None and (len(value) != 2 or any(float(v) <= 0 for v in value)):
+            delattr(ds, keyword)
+    age = str(ds.get("PatientAge", "") or "")
+    if age.isdigit() and len(age) <= 3:
+        ds.PatientAge = f"{int(age):03d}Y"
+    elif age and not re.fullmatch(r"\d{3}[DWMY]", age):
+        ds.PatientAge = None
+    return ds
+
+
+def _orientation(source: Dataset) -> tuple[str, str]:
+    """Source PatientOrientation, else the conventional display of a frontal CXR (rows to the
+    patient's left, columns to the feet)."""
+    value = source.get("PatientOrientation")
+    return (str(value[0]), str(value[1])) if value and len(value) == 2 else ("L", "F")
+
+
+def build_results(source: Dataset, response: dict) -> list[Dataset]:
+    """SR, SEG and heatmap SCs for one source instance; raises :class:`NotProcessed` for a 4xx."""
+    reason = not_processed_reason(response)
+    if reason is not None:
+        raise NotProcessed(reason, int(response.get("status") or 422))
+    source = clean_source(source)
+    objects = [build_sr(source, response)]
+    seg = build_seg(source, response)
+    if seg is not None:
+        objects.append(seg)
+    objects.extend(build_heatmaps(source, response))
+    return objects
+
+
+def kind_of(ds: Dataset) -> str:
+    """The result kind of an object made here (from its Series Number)."""
+    for kind, number in SERIES_NUMBERS.items():
+        if int(ds.get("SeriesNumber", 0) or 0) == number:
+            return kind
+    return "unknown"
+
+
+def write_results(objects: list[Dataset], out_dir: str | Path, *, fsync: bool = False) -> list[Path]:
+    """Write each object as ``<kind>.dcm`` under ``out_dir`` (atomically; optionally fsynced)."""
+    import os
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in objects:
+        path = out_dir / f"{kind_of(ds)}.dcm"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        paths.append(path)
+    if fsync:
+        fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return paths

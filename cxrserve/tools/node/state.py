@@ -1,0 +1,167 @@
+"""Durable per-instance state of the node: spooled -> scored -> delivered (per destination).
+
+One SQLite file in the spool folder (WAL, ``synchronous=FULL``: a committed transition
+survives a crash or power cut). Rows are keyed by the hashed SOP Instance UID; the clear
+UID never leaves the spooled file itself.
+
+Instance status: ``spooled`` (file fsynced, not scored), ``scored`` (result objects
+written and fsynced, deliveries pending), ``done`` (every destination delivered),
+``not_processed`` (a 4xx from the scorer: lateral, non-chest, gate rejection; no objects),
+``failed`` (gave up after the retry budget; kept for an operator). Each destination of a
+scored instance has its own row: ``pending`` or ``delivered``; a delivered destination
+is never sent again.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+  sop_hash TEXT PRIMARY KEY,
+  status TEXT NOT NULL,
+  received REAL NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_try REAL NOT NULL DEFAULT 0,
+  reason TEXT NOT NULL DEFAULT '',
+  timings TEXT NOT NULL DEFAULT '{}',
+  audited INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+  sop_hash TEXT NOT NULL,
+  destination TEXT NOT NULL,
+  status TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  next_try REAL NOT NULL DEFAULT 0,
+  delivered REAL,
+  reason TEXT NOT NULL DEFAULT '',
+  PRIMARY KEY (sop_hash, destination)
+);
+"""
+
+
+@dataclass
+class Instance:
+    sop_hash: str
+    status: str
+    received: float
+    attempts: int
+    next_try: float
+    reason: str
+    timings: str
+    audited: int
+
+
+class State:
+    def __init__(self, path):
+        self.path = str(path)
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    @contextmanager
+    def tx(self):
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # ------------------------------------------------------------------ instances
+    def add(self, sop_hash: str) -> bool:
+        """Register a spooled instance; False when it is already known (a resend)."""
+        with self.tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO instances (sop_hash, status, received) VALUES (?, 'spooled', ?)",
+                             (sop_hash, time.time()))
+            return cur.rowcount == 1
+
+    def requeue(self, sop_hash: str) -> None:
+        """A failed instance sent again: back to ``spooled`` with a fresh retry budget."""
+        with self.tx() as db:
+            db.execute("UPDATE instances SET status='spooled', attempts=0, next_try=0, reason='', audited=0 "
+                       "WHERE sop_hash=? AND status='failed'", (sop_hash,))
+            db.execute("UPDATE deliveries SET attempts=0 WHERE sop_hash=? AND status='pending'", (sop_hash,))
+
+    def get(self, sop_hash: str) -> Instance | None:
+        with self.lock:
+            row = self.db.execute("SELECT * FROM instances WHERE sop_hash=?", (sop_hash,)).fetchone()
+        return Instance(*row) if row else None
+
+    def due(self, status: str, now: float | None = None, limit: int = 16) -> list[Instance]:
+        now = time.time() if now is None else now
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM instances WHERE status=? AND next_try<=? ORDER BY received LIMIT ?",
+                                   (status, now, limit)).fetchall()
+        return [Instance(*r) for r in rows]
+
+    def set_status(self, sop_hash: str, status: str, *, reason: str = "", timings: str | None = None,
+                   destinations: list[str] | None = None) -> None:
+        with self.tx() as db:
+            if timings is None:
+                db.execute("UPDATE instances SET status=?, reason=?, next_try=0 WHERE sop_hash=?",
+                           (status, reason, sop_hash))
+            else:
+                db.execute("UPDATE instances SET status=?, reason=?, timings=?, next_try=0 WHERE sop_hash=?",
+                           (status, reason, timings, sop_hash))
+            for dest in destinations or []:
+                db.execute("INSERT OR IGNORE INTO deliveries (sop_hash, destination, status) VALUES (?, ?, 'pending')",
+                           (sop_hash, dest))
+
+    def retry_later(self, sop_hash: str, delay: float, reason: str) -> int:
+        with self.tx() as db:
+            db.execute("UPDATE instances SET attempts=attempts+1, next_try=?, reason=? WHERE sop_hash=?",
+                       (time.time() + delay, reason, sop_hash))
+            return db.execute("SELECT attempts FROM instances WHERE sop_hash=?", (sop_hash,)).fetchone()[0]
+
+    def set_timings(self, sop_hash: str, timings: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE instances SET timings=? WHERE sop_hash=?", (timings, sop_hash))
+
+    def mark_audited(self, sop_hash: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE instances SET audited=1 WHERE sop_hash=?", (sop_hash,))
+
+    def unaudited_final(self) -> list[Instance]:
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM instances WHERE audited=0 AND status IN "
+                                   "('done', 'not_processed', 'failed')").fetchall()
+        return [Instance(*r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.db.execute("SELECT status, COUNT(*) FROM instances GROUP BY status").fetchall())
+
+    # ------------------------------------------------------------------ deliveries
+    def pending_deliveries(self, sop_hash: str) -> list[tuple[str, int]]:
+        with self.lock:
+            return self.db.execute("SELECT destination, attempts FROM deliveries WHERE sop_hash=? AND status='pending'",
+                                   (sop_hash,)).fetchall()
+
+    def deliveries(self, sop_hash: str) -> dict[str, str]:
+        with self.lock:
+            return dict(self.db.execute("SELECT destination, status FROM deliveries WHERE sop_hash=?",
+                                        (sop_hash,)).fetchall())
+
+    def delivered(self, sop_hash: str, destination: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE deliveries SET status='delivered', delivered=?, attempts=attempts+1 "
+                       "WHERE sop_hash=? AND destination=?", (time.time(), sop_hash, destination))
+
+    def delivery_failed(self, sop_hash: str, destination: str, reason: str) -> int:
+        with self.tx() as db:
+            db.execute("UPDATE deliveries SET attempts=attempts+1, reason=? WHERE sop_hash=? AND destination=?",
+                       (reason, sop_hash, destination))
+            return db.execute("SELECT attempts FROM deliveries WHERE sop_hash=? AND destination=?",
+                              (sop_hash, destination)).fetchone()[0]
