@@ -62,7 +62,8 @@ def test_torchscript_and_onnx_match_eager_on_any_batch(exported, which):
         for runtime in (onnx, script):
             for ref, got in zip(reference, runtime(x)):
                 assert got.shape == ref.shape
-                assert np.abs(got - ref).max() <= 1e-4
+                # the export's parity rule: 1e-4, on the output's scale where it exceeds 1
+                assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
 def test_card_travels_inside_the_torchscript_program(exported):
