@@ -17,9 +17,13 @@ import os
 import threading
 from pathlib import Path
 
-FAMILIES = ("lungseg", "triage", "pxs", "severity", "mortality", "zeroshot")
-PICTURES = {"lungseg": {"mask": True}, "triage": {"heatmap": True}, "severity": {"saliency": True},
-            "mortality": {"overlay": True}, "pxs": {}, "zeroshot": {}}
+from cxrserve import families as _registry
+
+# The study's sections, read from the registry (a section is the served name without ``cxr-``).
+_SECTIONS = {name.removeprefix("cxr-"): _registry.get_served(name)[1]
+             for name in _registry.composed(_registry.composed_model())}
+FAMILIES = tuple(_SECTIONS)
+PICTURES = {f: ({s.picture_option: True} if s.picture_option else {}) for f, s in _SECTIONS.items()}
 
 
 class StudyModelScorer:
