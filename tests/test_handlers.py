@@ -12,12 +12,9 @@ from cxrserve.synthetic.dicomwrite import to_dicom
 from cxrserve.synthetic.phantoms import render, sample_spec
 from handlers_loader import handler_for, initialized_handler
 from schemas import validate
+from tsutil import png as _png
 
 
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,11 @@ from PIL import Image
 from cxrserve.synthetic.phantoms import render, sample_spec
 from cxrserve.tools.ui.app import UIConfig, make_server, views
 from schemas import validate
+from tsutil import png
 
 UI = {"X-CXR-UI": "1"}
 
 
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def b64(data: bytes) -> str:

@@ -111,3 +111,14 @@ class HandlerContext:
 
     def status(self, idx: int) -> int:
         return self.statuses.get(idx, (200, ""))[0]
+
+
+def png(img) -> bytes:
+    """An image array (grey, RGB or RGBA) as PNG bytes, the upload most tests send."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()

@@ -20,14 +20,11 @@ from cxrserve.synthetic.phantoms import render, sample_spec
 from cxrserve.core.pipeline import Item
 from handlers_loader import handler_for
 from schemas import validate
+from tsutil import png as _png
 
 MODEL = "cxr-mortality"
 
 
-def _png(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from PIL import Image
 from cxrserve.synthetic.dicomwrite import to_dicom
 from cxrserve.synthetic.phantoms import render, sample_spec
 from schemas import validate
+from tsutil import png
 
 pytestmark = pytest.mark.serve
 
@@ -37,10 +38,6 @@ def shared_data_or_none():
     return root if root.is_dir() else None
 
 
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_dicom_returns_the_contract(served, chest_dicom):

@@ -7,17 +7,16 @@ no recipe trains or validates on.
 """
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from cxrserve.training.metrics import roc_auc
 from cxrserve.synthetic.phantoms import render, sample_spec
 from schemas import validate
+from tsutil import png
 
 MODEL = "cxr-zeroshot"
 #: Held-out phantoms: seeds far from the demo recipe's (train 0.., val 500000..).
@@ -31,10 +30,6 @@ TARGET = "Lung Opacity"
 MIN_PHANTOM_AUC = 0.65
 
 
-def png(img) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
