@@ -71,6 +71,15 @@ class ImageCache:
         return mask
 
 
+def batch_images(records: Sequence[Record], idx: Iterable[int], precomputed: dict, transform, cache: ImageCache,
+                 augment_fn=None) -> torch.Tensor:
+    """Stacked inputs of ``records[idx]``: augmented on the fly when ``augment_fn`` is given,
+    else the tensors ``precomputed`` once per run (keyed by path)."""
+    if augment_fn is not None:
+        return torch.stack([transform(augment_fn(cache.image(records[i]))[0]) for i in idx])
+    return torch.stack([precomputed[records[i].path] for i in idx])
+
+
 def batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[np.ndarray]:
     """Shuffled index batches, a fresh order per epoch, reproducible from (seed, epoch)."""
     order = np.random.default_rng((seed, epoch)).permutation(n)

@@ -38,7 +38,7 @@ from cxrserve.models import build_model
 from cxrserve.families.mortality.pipeline import OUTCOMES, calibrate, log_odds
 from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import build_augment, build_transform
-from cxrserve.training.common import ImageCache, batches, describe_data, resolve_device
+from cxrserve.training.common import ImageCache, batch_images, batches, describe_data, resolve_device
 from cxrserve.models.pretrained import apply_init
 
 log = logging.getLogger(__name__)
@@ -268,15 +268,12 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
 
     def train_batches(epoch: int):
         for idx in batches(len(train_set), batch_size, seed, epoch):
-            if augment:
-                xs = [transform(augment_fn(cache.image(train_set[i]))[0]) for i in idx]
-            else:
-                xs = [inputs[train_set[i].path] for i in idx]
+            x = batch_images(train_set, idx, inputs, transform, cache, augment_fn if augment else None)
             if target == "phantom_risk":
                 y = torch.tensor([phantom_risk(train_set[i]) for i in idx], device=dev)
             else:
                 y = torch.tensor([died(train_set[i]) for i in idx], device=dev)
-            yield torch.stack(xs).to(dev), y
+            yield x.to(dev), y
 
     def step(model, batch):
         x, y = batch

@@ -39,7 +39,7 @@ from cxrserve.models import build_model
 from cxrserve.models.xrv import XRV_PATHOLOGIES
 from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import build_augment, build_transform
-from cxrserve.training.common import ImageCache, batches, describe_data, resolve_device, split
+from cxrserve.training.common import ImageCache, batch_images, batches, describe_data, resolve_device, split
 from cxrserve.models.pretrained import apply_init
 
 log = logging.getLogger(__name__)
@@ -341,12 +341,9 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
 
     def train_batches(epoch: int):
         for idx in batches(len(train_set), batch_size, seed, epoch):
-            if augment:
-                xs = [transform(augment_fn(cache.image(train_set[i]))[0]) for i in idx]
-            else:
-                xs = [inputs[train_set[i].path] for i in idx]
+            x = batch_images(train_set, idx, inputs, transform, cache, augment_fn if augment else None)
             ys = torch.stack([targets[train_set[i].path] for i in idx])
-            yield torch.stack(xs).to(dev), ys.to(dev)
+            yield x.to(dev), ys.to(dev)
 
     def step(model, batch):
         x, y = batch
