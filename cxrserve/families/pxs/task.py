@@ -231,7 +231,8 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
         i, j = pair_index(len(val_set))
         d = euclidean(emb[i], emb[j]).numpy()
         same_pair = (val_labels[i.numpy()] == val_labels[j.numpy()])
-        return {"val_auc": roc_auc(val_labels, scores),
+        scored = np.isfinite(scores)  # a normal with no other normal to compare against has no score
+        return {"val_auc": roc_auc(val_labels[scored], scores[scored]),
                 "val_same_distance": float(d[same_pair].mean()) if same_pair.any() else None,
                 "val_different_distance": float(d[~same_pair].mean()) if (~same_pair).any() else None}
 
@@ -244,6 +245,22 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
 
 
 # --------------------------------------------------------------------------- stage 2
+def _scored_for_training(records: Sequence[Record], target: str) -> list[Record]:
+    scored = scored_records(records, target)
+    if len(scored) < 4:
+        raise ValueError(f"stage 2 needs severity-scored frontal images; got {len(scored)} of {len(records)} records")
+    return scored
+
+
+def training_split(records: Sequence[Record], val_fraction: float = 0.2, seed: int = 0,
+                   target: str = "extent+opacity") -> tuple[list[Record], list[Record]]:
+    """The (train, val) split of the scored images that stage 2 (:func:`train`) uses, by patient.
+
+    The real store scores the served ``cxr-pxs`` on this held-out part (``validation.pxs_vs_extent``).
+    """
+    return split(_scored_for_training(records, target), val_fraction, seed, stratify=lambda r: r.label)
+
+
 def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | Path | None = None,
           target: str = "extent+opacity", epochs: int = 15, steps_per_epoch: int | None = None, batch_size: int = 8,
           lr: float = 1e-4, val_fraction: float = 0.2, seed: int = 0, patience: int = 5, fold: int | None = None,
@@ -262,13 +279,11 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
     last epoch instead of the best on validation (no peeking at a held-out fold).
     """
     torch.manual_seed(seed)
-    scored = scored_records(records, target)
-    if len(scored) < 4:
-        raise ValueError(f"stage 2 needs severity-scored frontal images; got {len(scored)} of {len(records)} records")
     if fold is not None:
+        scored = _scored_for_training(records, target)
         train_set, val_set = patient_kfold(scored, folds, seed=seed, stratify=False)[int(fold)]
     else:
-        train_set, val_set = split(scored, val_fraction, seed, stratify=lambda r: r.label)
+        train_set, val_set = training_split(records, val_fraction, seed, target=target)
     val_set = val_set[:max_val] if max_val else val_set
     extra_normals = [r for r in records if usable(r) and r.triage_label == "normal" and severity(r, target) is None]
     rng = np.random.default_rng(seed)
@@ -299,7 +314,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
         "normals_as_zero": len(zero_set), "select": select,
         "change_threshold_note": "PXS differences above this many target points are 'worse', below minus it "
                                  "'better'; stage 2 trains embedding distances in target points",
-        "split": {"val_fraction": None if fold is not None else val_fraction, "seed": seed,
+        "split": {"val_fraction": None if fold is not None else val_fraction, "seed": seed, "target": target,
                   "train": len(train_set), "val": len(val_set), "anchors": len(anchors)},
     }
     if fold is not None:
