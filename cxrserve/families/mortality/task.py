@@ -339,6 +339,8 @@ def evaluate(pipeline, records: Sequence[Record], n_boot: int = 2000) -> dict:
             if isinstance(out, dict):
                 kept.append(r)
                 risks.append(out["risk"])
+    if not kept:  # every film refused by the input checks or the gate: nothing to score
+        return {"n_images": 0, "auc": None, "auc_ci95": [None, None], "rejected": len(usable)}
     report = risk_report([died(r) for r in kept], risks, patient_groups(kept), pipeline.threshold, n_boot)
     report["rejected"] = len(usable) - len(kept)
     return report

@@ -332,7 +332,8 @@ def zero_shot_report(records: Sequence[Record], probabilities: np.ndarray, label
             continue
         rows = [(i, rule(r)) for i, r in enumerate(records)]
         rows = [(i, t) for i, t in rows if t is not None]
-        if not rows:
+        if not rows:  # no film carries this finding's truth (or the input checks refused them all)
+            report["labels"][label] = {"auc": None, "n": 0, "positives": 0, "by_source": {}}
             continue
         idx = np.array([i for i, _ in rows])
         truth = np.array([t for _, t in rows], dtype=bool)
