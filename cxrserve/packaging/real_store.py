@@ -31,14 +31,16 @@ and work folders are build outputs.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import re
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 
 import yaml
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -282,7 +284,9 @@ def evaluate_archive(builder: RealStoreBuilder, name: str) -> dict:
     vf, seed = sp.get("val_fraction"), sp.get("seed", 0)
     val = None
     if hasattr(task, "training_split") and vf is not None:
-        extra = {k: sp[k] for k in ("test_fraction",) if k in sp}
+        # split settings beyond the fraction and seed (mortality's test_fraction, PXS's target) as recorded
+        accepted = inspect.signature(task.training_split).parameters
+        extra = {k: v for k, v in sp.items() if k in accepted and k not in ("val_fraction", "seed", "records")}
         _, val = task.training_split(records, val_fraction=vf, seed=seed, **extra)
         method = f"{task.__name__}.training_split(val_fraction={vf}, seed={seed})"
     else:
@@ -314,10 +318,11 @@ def _fmt(value) -> str:
 
 
 def _interval(flat: dict, key: str) -> str:
-    for suffix in ("_ci95", "_ci"):
-        ci = flat.get(key + suffix)
+    sibling = key.rsplit(".", 1)[0] + ".ci95"  # {"auc": x, "ci95": [lo, hi]} (zero-shot's per-label rows)
+    for name in (key + "_ci95", key + "_ci", sibling):
+        ci = flat.get(name)
         if ci is None:
-            low, high = flat.get(f"{key}{suffix}.low"), flat.get(f"{key}{suffix}.high")
+            low, high = flat.get(f"{name}.low"), flat.get(f"{name}.high")
             ci = [low, high] if low is not None else None
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
             return f" ({float(ci[0]):.2f}-{float(ci[1]):.2f})"
@@ -345,16 +350,21 @@ def card_fragment(results: dict[str, dict]) -> str:
                 continue
             for key, value in flat.items():
                 m = re.search(pattern, key)
-                if not m or not isinstance(value, (int, float)) or isinstance(value, bool):
+                if not m or isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
                     continue
                 label = what.format(**m.groupdict())
+                if value is None:  # the key exists but nothing could be scored (e.g. every film refused)
+                    lines.append(f"| {label} | not measured (no scorable films) | "
+                                 f"{'>=' if sense == 'min' else '<='} {target:g} | - |")
+                    rows += 1
+                    continue
                 met = value >= target if sense == "min" else value <= target
                 lines.append(f"| {label} | {_fmt(float(value))}{_interval(flat, key)} | "
                              f"{'>=' if sense == 'min' else '<='} {target:g} | {'yes' if met else 'no'} |")
                 rows += 1
         if not rows:
             for _, what, target, sense, _ in [t for t in targets() if t[0] == name]:
-                lines.append(f"| {what.format(source='every source')} | not measured by this build | "
+                lines.append(f"| {what.format_map(defaultdict(lambda: 'every one'))} | not measured by this build | "
                              f"{'>=' if sense == 'min' else '<='} {target:g} | - |")
         numbers = {k: v for k, v in flat.items() if k.startswith("training_validation.") and k.count(".") == 1
                    and isinstance(v, (int, float)) and not isinstance(v, bool)}
