@@ -8,14 +8,25 @@ fragment) runs in CI in about a minute.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 
+from cxrserve import families
+
 TINY = {
     "lungseg": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2, "val_fraction": 0.25},
     "triage": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2, "val_fraction": 0.25, "augment": False},
-    "gate": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "val_fraction": 0.25, "augment": False},
+    # enough steps that the gate (enforced: trained on "real" data) lets the frontal phantoms through
+    "gate": {"epochs": 4, "steps_per_epoch": 6, "batch_size": 8, "lr": 0.005, "val_fraction": 0.25, "augment": False},
+    "pxs_pretrain": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "val_fraction": 0.25, "augment": False},
+    "pxs": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "val_fraction": 0.25, "augment": False},
+    "severity": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "val_fraction": 0.25, "augment": False,
+                 "n_splits": 5},
+    "mortality": {"pretrain_epochs": 0, "epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "val_fraction": 0.25,
+                  "test_fraction": 0.0, "augment": False, "n_boot": 50},
+    "zeroshot": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 8, "val_fraction": 0.25, "augment": False},
     "store": {"version": "0.0.1-real",
               "components": {"gate": {"negatives": {"n": 10, "seed": 5, "size": 128, "kinds": ["lateral", "hand"]}}}},
 }
@@ -31,19 +42,36 @@ def built(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("real")
     data = write_dataset(root / "data" / "phantom_src", 24, seed=777, height=160, width=160, progress=False)
+    _unscore_half(data / "labels.csv")
     recipe = root / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(TINY))
     archives, fragment = build_real_store(root / "store", root / "work", [data], recipe=recipe,
-                                          only=["cxr-lungseg", "cxr-triage"], budget=600, device="cpu",
-                                          progress=False)
+                                          budget=3600, device="cpu", progress=False)
     return root, archives, fragment
+
+
+def _unscore_half(labels_csv):
+    """Like the real data, only some films carry severity scores: the real recipes pre-train
+    severity and PXS stage 1 on the unscored patients and keep the scored ones for the maps,
+    Table 1 and PXS stage 2."""
+    import csv
+
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for k, row in enumerate(rows):
+        if k % 2:
+            row["geographic_extent_mean"] = row["opacity_mean"] = ""  # the per-lung facts stay (severity's targets)
+    with open(labels_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def test_components_train_in_dependency_order_and_say_real(built):
     from cxrserve.core.pipeline import load_pipeline
 
     root, archives, _ = built
-    assert sorted(p.name for p in archives) == ["cxr-lungseg.mar", "cxr-triage.mar"]
+    assert sorted(p.name for p in archives) == sorted(f"{name}.mar" for name in families.served())
     work = root / "work" / "checkpoints"
     assert all((work / c / "DONE").exists() for c in ("lungseg", "triage_classifier", "gate"))
     # triage was cut on the crops of the lungseg trained first
@@ -80,6 +108,23 @@ def test_evaluation_json_and_generated_card_fragment(built, capsys):
     assert (f"| triage macro-F1 | {f1:.3f}" if f1 is not None else "| triage macro-F1 | not measured") in text
     assert ">= 0.8" in text and triage["validation"]["n"] + triage["validation"]["rejected"] > 0
     assert "| COVID-19 sensitivity |" in text
+
+
+def test_every_declared_target_is_measured_by_the_build(built):
+    """Each family's real_store target keys name numbers its evaluation JSON really has
+    (a renamed metric would otherwise turn its row into 'not measured' unnoticed)."""
+    from cxrserve.packaging.real_store import _flatten, targets
+
+    root, _, _ = built
+    declared = targets()
+    assert {a for a, *_ in declared} >= {"cxr-lungseg", "cxr-triage", "cxr-pxs", "cxr-severity", "cxr-mortality",
+                                         "cxr-zeroshot"}
+    for archive, what, _, _, pattern in declared:
+        flat = _flatten(json.loads((root / "work" / "eval" / f"{archive}.json").read_text()))
+        assert any(re.search(pattern, key) for key in flat), (archive, what, pattern)
+    pxs = json.loads((root / "work" / "eval" / "cxr-pxs.json").read_text())
+    # PXS is scored through the served archive on stage 2's held-out scored films only
+    assert ".training_split(" in pxs["validation_method"] and pxs["validation"]["n_images"] == pxs["split"]["val"]
 
 
 def test_a_second_build_is_resumed_not_retrained(built, tmp_path):
