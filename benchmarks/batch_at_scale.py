@@ -30,7 +30,8 @@ import cv2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxrserve.tools.bench import BenchInput, TorchServeRun, served_case  # noqa: E402
+from cxrserve.tools.bench.inputs import BenchInput  # noqa: E402
+from cxrserve.tools.bench.torchserve import TorchServeRun, served_case  # noqa: E402
 
 
 def make_files(folder: Path, n: int, distinct: int = 40) -> list[Path]:

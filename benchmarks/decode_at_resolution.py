@@ -39,7 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxrserve.tools.bench import PHANTOM_SYNTAXES, main_scores, phantom_inputs, unpacked_archive  # noqa: E402
+from cxrserve.tools.bench.archives import unpacked_archive  # noqa: E402
+from cxrserve.tools.bench.inputs import PHANTOM_SYNTAXES, phantom_inputs  # noqa: E402
+from cxrserve.tools.bench.scores import main_scores  # noqa: E402
 from cxrserve.core.imageio import decode  # noqa: E402
 
 
@@ -79,7 +81,7 @@ def decode_table(inputs, seconds: float) -> list[dict]:
 def windowed_phantoms(cache: Path, size: int) -> list[tuple[str, bytes]]:
     """The bench phantom as JPEG / JPEG 2000 DICOMs WITH a VOI window (the codec-reduced path;
     the bench's own phantoms have none, so they are min-max images, decoded in full)."""
-    from cxrserve.tools.bench import phantom_image
+    from cxrserve.tools.bench.inputs import phantom_image
     from cxrserve.synthetic.dicomwrite import to_dicom
 
     folder = cache / f"windowed-{size}"

@@ -29,7 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxrserve.tools.bench import TorchServeRun, _pss, phantom_inputs, run_concurrent  # noqa: E402
+from cxrserve.tools.bench.inputs import phantom_inputs  # noqa: E402
+from cxrserve.tools.bench.measure import run_concurrent  # noqa: E402
+from cxrserve.tools.bench.suite import _pss  # noqa: E402
+from cxrserve.tools.bench.torchserve import TorchServeRun  # noqa: E402
 
 
 def total_pss_mb(run: TorchServeRun) -> float:

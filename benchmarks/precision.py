@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxrserve.tools.bench import unpacked_archive  # noqa: E402
+from cxrserve.tools.bench.archives import unpacked_archive  # noqa: E402
 
 
 def ms_per_image(fn, batch: np.ndarray, seconds: float) -> float:

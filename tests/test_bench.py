@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,6 +22,7 @@ from cxrserve.tools.bench.report import write_results
 from cxrserve.tools.bench.scores import max_abs_diff
 from cxrserve.tools.bench.suite import BenchOptions, run_suite
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "cxr-lungseg"  # the smallest served chain: input gate + U-Net
 
 
@@ -104,3 +106,18 @@ def test_latency_summary_and_diff():
     assert summary["throughput"] == 4.0 and summary["p50_ms"] == 250.0 and summary["p99_ms"] == 400.0
     assert max_abs_diff({"a": {"x": 0.5, "y": 1.0}}, {"a": {"x": 0.25}, "b": {"x": 9.0}}) == 0.25
     assert max_abs_diff({}, {"a": {"x": 1.0}}) is None
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py")))
+def test_benchmark_scripts_start(script):
+    """Every script in benchmarks/ that PERFORMANCE.md tells readers to run still imports
+    and parses its options (a moved helper once broke four of them unnoticed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
