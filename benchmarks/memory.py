@@ -1,7 +1,7 @@
 """The whole store's memory (PSS) under TorchServe, per ONNX Runtime memory policy.
 
     PYTHONPATH=$PWD python benchmarks/memory.py [--store /work/main/model_store]
-        [--modes main arena lean shared] [--out benchmarks/results/memory-....json]
+        [--modes main arena lean shared] [--workers forked separate] [--out benchmarks/results/memory-....json]
 
 For each mode one private TorchServe (free loopback ports) loads every archive of the
 store, one worker each; every model then answers 8 requests (4 in flight, so batches of
@@ -9,6 +9,8 @@ up to 4 form) on a 2048 x 2048 JPEG-baseline phantom DICOM and a 2048-px PNG; PS
 (proportional set size: shared library pages counted once) is summed over the frontend
 and every worker, after loading and after the requests; then cxr-triage's REST
 throughput with 8 in flight (``--requests`` requests) checks the policy costs no speed.
+Each mode runs with workers forked from cxrserve's fork server (``forked``, what ``cxrserve
+serve start`` does) and started by TorchServe as separate interpreters (``separate``).
 
 Modes: ``arena`` / ``lean`` / ``shared`` serve copies of the store's archives whose
 bundled ``cxrserve`` package is this checkout's (same weights, same model config) with
@@ -66,14 +68,16 @@ def branch_archive(mar: Path, folder: Path, handler_changes: dict) -> Path:
     return target
 
 
-def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: Path) -> dict:
+def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: Path, workers: str = "forked") -> dict:
     if mode != "main":
         archives = {name: branch_archive(mar, work / f"store-{mode}", {"ort_memory": mode})
                     for name, mar in archives.items()}
-    run = TorchServeRun(archives, work / f"ts-{mode}")
-    row: dict = {"mode": mode}
+    run = TorchServeRun(archives, work / f"ts-{mode}-{workers}")
+    row: dict = {"mode": mode, "workers": workers}
     try:
         start = time.perf_counter()
+        # forked: every worker from cxrserve's fork server (the default); separate: TorchServe's own start
+        os.environ["CXRSERVE_FORKSERVER"] = "1" if workers == "forked" else "0"
         run.start()
         row["start_s"] = round(time.perf_counter() - start, 1)
         time.sleep(3)
@@ -94,7 +98,7 @@ def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: P
         client.close()
     finally:
         run.stop()
-    print(f"  {mode:7s} PSS loaded {row.get('pss_loaded_mb')} MB, after requests {row.get('pss_after_requests_mb')} MB, "
+    print(f"  {mode:7s} {workers:8s} PSS loaded {row.get('pss_loaded_mb')} MB, after requests {row.get('pss_after_requests_mb')} MB, "
           f"triage REST {row.get('triage_rest_studies_per_s')} studies/s; workers {row.get('worker_pss_mb')}", flush=True)
     return row
 
@@ -103,6 +107,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", default=os.environ.get("CXRSERVE_STORE", "model_store"))
     parser.add_argument("--modes", nargs="+", default=["main", "arena", "lean", "shared"])
+    parser.add_argument("--workers", nargs="+", choices=("forked", "separate"), default=["forked", "separate"],
+                        help="how TorchServe's workers start: from the fork server, or each its own interpreter")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -112,7 +118,8 @@ def main() -> int:
     result = {"archives": sorted(archives), "load_average_start": os.getloadavg(), "modes": []}
     print(f"{len(archives)} archives: {', '.join(archives)}")
     for mode in args.modes:
-        result["modes"].append(measure(mode, archives, inputs, args.requests, work))
+        for workers in args.workers:
+            result["modes"].append(measure(mode, archives, inputs, args.requests, work, workers))
     result["load_average_end"] = os.getloadavg()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,10 @@ the model log (TorchServe otherwise buries load failures there).
 TorchServe keeps its pid file in the temp folder, so two servers on one machine (a
 running service and a test run, say) would fight over it; each run folder therefore
 gets its own ``TMPDIR``, and ``stop`` must be given the same run folder.
+
+Workers are forked from a fork server (:mod:`cxrserve.tools.forkserver`) that has imported
+torch and the other heavy libraries once, so they share those pages instead of each
+paying ~300 MB; ``CXRSERVE_FORKSERVER=0`` starts them the ordinary way.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import time
 from pathlib import Path
 
 import requests
+
+from cxrserve.tools import forkserver
 
 DEFAULT_INFERENCE = "http://127.0.0.1:8080"
 #: TorchServe's logging with request bytes redacted from exception messages (see the file).
@@ -99,6 +105,14 @@ def start(config: str | Path = "config.properties", store: str | Path = "model_s
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(_tmpdir(workdir)), **(extra_env or {})}
     cmd = [_torchserve(), "--start", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
+    python = _start_forkserver(workdir, env)
+    if python:
+        # TorchServe starts workers with the interpreter its CLI runs under (`--python
+        # sys.executable`, which overrides the config's `python=`): run the CLI with
+        # sys.executable set to the launcher that hands workers to the fork server.
+        cmd = [sys.executable, "-c", "import sys; sys.executable = sys.argv.pop(1); "
+               "from ts.model_server import start; sys.argv[0] = 'torchserve'; sys.exit(start())",
+               python, *cmd[1:]]
     if LOG_CONFIG.exists() and "log4j.configurationFile" not in config.read_text():
         cmd += ["--log-config", str(LOG_CONFIG)]
     subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -142,13 +156,74 @@ def _tmpdir(workdir: Path) -> Path:
 
 
 def stop(workdir: str | Path = ".") -> bool:
-    """Stop the TorchServe of ``workdir``; False when none was running."""
+    """Stop the TorchServe of ``workdir`` (and its fork server); False when none was running."""
     if running(workdir) is None:
+        _stop_forkserver(Path(workdir))
         return False
     env = {**os.environ, "TMPDIR": str(_tmpdir(Path(workdir)))}
     subprocess.run([_torchserve(), "--stop"], cwd=workdir, env=env, check=False,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _stop_forkserver(Path(workdir))
     return True
+
+
+def _forkserver_state(workdir: Path) -> Path:
+    return _tmpdir(workdir) / "forkserver.json"
+
+
+def forkserver_pid(workdir: str | Path = ".") -> int | None:
+    """The pid of the fork server of ``workdir``'s TorchServe if it is alive (its children are the workers)."""
+    try:
+        pid = int(json.loads(_forkserver_state(Path(workdir)).read_text())["pid"])
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _start_forkserver(workdir: Path, env: dict, timeout: float = 120) -> str | None:
+    """Start the fork server for ``workdir``; the worker launcher's path, or None (off or failed)."""
+    _stop_forkserver(workdir)
+    if env.get("CXRSERVE_FORKSERVER", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    tmp = _tmpdir(workdir)
+    sock = tmp / "forkserver.sock"
+    if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
+        import hashlib
+        import tempfile
+
+        sock = Path(tempfile.gettempdir()) / f"cxrserve-{hashlib.sha1(str(workdir).encode()).hexdigest()[:12]}.sock"
+    log = open(workdir / "logs" / "forkserver.log", "ab")
+    proc = subprocess.Popen([sys.executable, forkserver.__file__, "serve", str(sock)], cwd=workdir, env=env,
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    _forkserver_state(workdir).write_text(json.dumps({"pid": proc.pid, "socket": str(sock)}))
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if sock.exists():
+            return forkserver.launcher(tmp, sock)
+        time.sleep(0.2)
+    _stop_forkserver(workdir)  # workers then start the ordinary way
+    return None
+
+
+def _stop_forkserver(workdir: Path) -> None:
+    pid = forkserver_pid(workdir)
+    if pid is not None:
+        import signal
+
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(50):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:  # our own child: reap it
+                    break
+            except ChildProcessError:  # started by another process: poll it
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+            time.sleep(0.1)
+    _forkserver_state(workdir).unlink(missing_ok=True)
 
 
 def probe(config: str | Path = "config.properties", workdir: str | Path = ".", ready: bool = False,

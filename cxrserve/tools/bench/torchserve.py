@@ -131,16 +131,18 @@ class TorchServeRun:
             return None
 
     def all_pids(self) -> list[int]:
-        """The Java frontend and every Python worker."""
+        """The Java frontend, its worker launchers, the fork server and every Python worker."""
         import psutil
 
-        pid = self.server_pid()
-        if pid is None:
-            return []
-        try:
-            return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
-        except psutil.Error:
-            return [pid]
+        pids = []
+        for root in (self.server_pid(), server.forkserver_pid(self.workdir)):
+            if root is None:
+                continue
+            try:
+                pids += [root] + [c.pid for c in psutil.Process(root).children(recursive=True)]
+            except psutil.Error:
+                pids.append(root)
+        return sorted(set(pids))
 
     def worker_pids(self, name: str) -> list[int]:
         import requests
