@@ -134,6 +134,8 @@ class TorchServeRun:
         """The Java frontend, its worker launchers, the fork server and every Python worker."""
         import psutil
 
+        from cxrserve.tools import server
+
         pids = []
         for root in (self.server_pid(), server.forkserver_pid(self.workdir)):
             if root is None:
