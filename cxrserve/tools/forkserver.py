@@ -16,7 +16,7 @@ it off):
   child per connection.
 - TorchServe starts workers with the Python it was started with; :func:`launcher` writes
   a script that TorchServe is started with instead. For ``model_service_worker.py`` it
-  runs this file as a client (``connect SOCKET ...``): the client sends its argv,
+  calls :func:`connect` from this file: the client sends its argv,
   environment, working folder and its stdin/stdout/stderr descriptors; the forked child
   takes them over and runs the worker, so TorchServe reads the worker's log lines (and
   its ``[PID]``) exactly as before. Anything else runs the real Python.
@@ -231,12 +231,10 @@ def launcher(folder: str | os.PathLike, socket_path: str | os.PathLike, real_pyt
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 3 and argv[0] == "connect":
-        return connect(argv[1], argv[3:], argv[2])
     if len(argv) == 2 and argv[0] == "serve":
         serve(argv[1])
         return 0
-    print("usage: forkserver.py serve SOCKET | connect SOCKET REAL_PYTHON WORKER_ARGS...", file=sys.stderr)
+    print("usage: forkserver.py serve SOCKET", file=sys.stderr)
     return 2
 
 
