@@ -175,8 +175,8 @@ def forkserver_pid(workdir: str | Path = ".") -> int | None:
     """The pid of the fork server of ``workdir``'s TorchServe if it is alive (its children are the workers)."""
     try:
         pid = int(json.loads(_forkserver_state(Path(workdir)).read_text())["pid"])
-        os.kill(pid, 0)
-        return pid
+        # alive and still ours (a stale state file must never name a reused pid)
+        return pid if b"forkserver.py" in Path(f"/proc/{pid}/cmdline").read_bytes() else None
     except (OSError, ValueError, KeyError):
         return None
 
