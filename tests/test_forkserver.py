@@ -100,7 +100,7 @@ def test_workers_are_forked_replaced_and_stopped(echo_store, tmp_path):
     finally:
         server.stop(workdir)
     assert server.forkserver_pid(workdir) is None
-    assert wait_for(lambda: not any(p.ppid() == parent for p in psutil.process_iter()), 30), \
+    assert wait_for(lambda: not any(p.info["ppid"] == parent for p in psutil.process_iter(["ppid"])), 30), \
         "workers survived the stop"
 
 
@@ -147,6 +147,13 @@ def test_forked_worker_reports_its_exit_status(tmp_path):
     proc = subprocess.Popen([sys.executable, forkserver.__file__, "serve", str(sock)])
     try:
         assert wait_for(sock.exists, 120), "fork server did not come up"
+        # A malformed request (no descriptors) is dropped; the server keeps serving.
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+            bad.connect(str(sock))
+            bad.sendall(b"\x00\x00\x00\x02{}")
+            assert bad.recv(16) == b"", "a malformed request should be closed, not answered"
         script = forkserver.launcher(tmp_path, sock)
         worker = tmp_path / "ts" / "model_service_worker.py"
         worker.parent.mkdir()

@@ -40,6 +40,7 @@ PRELOAD = ("numpy", "torch", "torchvision", "onnxruntime", "cv2", "PIL.Image", "
            "pydicom", "pylibjpeg", "simplejpeg", "open_clip", "ts.model_loader", "ts.service",
            "ts.protocol.otf_message_handler", "ts.arg_parser", "ts.torch_handler.base_handler")
 _HEADER_LIMIT = 4 << 20
+_REQUEST_TIMEOUT = 10.0
 
 
 # ----------------------------------------------------------------------------- client
@@ -85,21 +86,28 @@ def connect(path: str, argv: list[str], real_python: str) -> int:
 
 
 def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    # A client that stalls must not hold up every other worker's start.
+    conn.settimeout(_REQUEST_TIMEOUT)
     data, fds, _flags, _addr = socket.recv_fds(conn, 65536, 3)
-    if len(data) < 4 or len(fds) != 3:
+    try:
+        if len(data) < 4 or len(fds) != 3:
+            raise ValueError("malformed request")
+        size = int.from_bytes(data[:4], "big")
+        if size > _HEADER_LIMIT:
+            raise ValueError("request too large")
+        body = data[4:]
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                raise ValueError("truncated request")
+            body += chunk
+        request = json.loads(body)
+    except (OSError, ValueError):
         for fd in fds:
             os.close(fd)
-        raise ValueError("malformed request")
-    size = int.from_bytes(data[:4], "big")
-    if size > _HEADER_LIMIT:
-        raise ValueError("request too large")
-    body = data[4:]
-    while len(body) < size:
-        chunk = conn.recv(size - len(body))
-        if not chunk:
-            raise ValueError("truncated request")
-        body += chunk
-    return json.loads(body), fds
+        raise
+    conn.settimeout(None)  # the child's lifeline blocks on it
+    return request, fds
 
 
 def _run_child(listener: socket.socket, conn: socket.socket, request: dict, fds: list[int]) -> None:

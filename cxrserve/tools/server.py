@@ -115,7 +115,11 @@ def start(config: str | Path = "config.properties", store: str | Path = "model_s
                python, *cmd[1:]]
     if LOG_CONFIG.exists() and "log4j.configurationFile" not in config.read_text():
         cmd += ["--log-config", str(LOG_CONFIG)]
-    subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except subprocess.CalledProcessError:
+        _stop_forkserver(workdir)  # no TorchServe to serve: leave nothing behind
+        raise
     # With token authorization disabled (KServe's configuration) there is no key file.
     tokens = props.get("disable_token_authorization", "false").strip().lower() != "true"
     key_file = workdir / "key_file.json"
