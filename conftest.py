@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,24 @@ def shared_data() -> Path:
 
 
 REPO = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """``module_tmp("name")`` -> a fresh folder for one module's fixtures, removed when the
+    module ends with no failed test (store copies and archives run to GBs per module; a
+    failure keeps them for a look)."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def store_dir() -> Path:

@@ -37,9 +37,9 @@ def unet_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(classifier_ckpt, unet_ckpt, tmp_path_factory):
+def exported(classifier_ckpt, unet_ckpt, module_tmp):
     """Each model exported once (both formats) for the tests below."""
-    root = tmp_path_factory.mktemp("exported")
+    root = module_tmp("exported")
     return {
         "classifier_ckpt": (classifier_ckpt, export_component(classifier_ckpt, root / "classifier")),
         "unet_ckpt": (unet_ckpt, export_component(unet_ckpt, root / "unet")),

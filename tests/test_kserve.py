@@ -38,8 +38,8 @@ def phantom_png(seed: int = 1) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def repository(model_store, tmp_path_factory) -> Path:
-    return prepare_model_repository(model_store, tmp_path_factory.mktemp("kserve-repo"))
+def repository(model_store, module_tmp) -> Path:
+    return prepare_model_repository(model_store, module_tmp("kserve-repo"))
 
 
 @pytest.fixture(scope="module")

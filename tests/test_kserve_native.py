@@ -116,8 +116,8 @@ def start_predictor(store: Path, tmp: Path, *extra: str, models: list[str] | Non
 
 
 @pytest.fixture(scope="module")
-def predictor(model_store, tmp_path_factory):
-    yield from start_predictor(model_store, tmp_path_factory.mktemp("kserve-native"))
+def predictor(model_store, module_tmp):
+    yield from start_predictor(model_store, module_tmp("kserve-native"))
 
 
 @pytest.fixture(scope="module")
@@ -447,13 +447,13 @@ def test_predictor_logs_no_file_contents(predictor):
 
 # --------------------------------------------------------------------------- against TorchServe
 @pytest.fixture(scope="module")
-def torchserve_v2(model_store, tmp_path_factory):
+def torchserve_v2(model_store, tmp_path_factory, module_tmp):
     """TorchServe with the kservev2 envelope (KServe's TorchServe runtime) and token auth, cxr-triage only."""
     from cxrserve.tools import server
     from cxrserve.tools.kserve_repository import prepare_model_repository
     from tsutil import start_torchserve
 
-    repo = prepare_model_repository(model_store, tmp_path_factory.mktemp("ts-v2-repo"), models=["cxr-triage"])
+    repo = prepare_model_repository(model_store, module_tmp("ts-v2-repo"), models=["cxr-triage"])
     store = repo / "model-store"
     workdir = tmp_path_factory.mktemp("ts-v2")
     try:

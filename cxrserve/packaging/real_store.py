@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cxrserve import families
-from cxrserve.packaging.store import StoreBuilder
+from cxrserve.packaging.store import DONE, StoreBuilder, mark_trained
 from cxrserve.training.recipes import META_KEYS, task_settings
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class RealStoreBuilder(StoreBuilder):
             return None
         left = self.started + float(self.budget) - time.time()
         todo = [c for c in self._planned if c not in self.given
-                and not (self.work / "checkpoints" / c / "DONE").exists()] or [name]
+                and not (self.work / "checkpoints" / c / DONE).exists()] or [name]
         share = self.weights.get(name, 1.0) / sum(self.weights.get(c, 1.0) for c in todo)
         if left <= 0:
             log.warning("budget spent before %s: it trains its first epoch only", name)
@@ -176,7 +176,7 @@ class RealStoreBuilder(StoreBuilder):
             return self.given[name]
         cfg = self.components_cfg[name]
         out = self.work / "checkpoints" / name
-        best, done = out / "best.ckpt", out / "DONE"
+        best, done = out / "best.ckpt", out / DONE
         if best.exists() and done.exists():
             return best
         task_name = cfg["task"]
@@ -195,7 +195,7 @@ class RealStoreBuilder(StoreBuilder):
             task.train(records, out_dir=out, demo=False, version=self.version, progress=self.progress,
                        device=self.device, resume=True, **depends, **kwargs)
         self._mark_real(best)
-        done.write_text(json.dumps({"seconds": round(time.time() - started, 1), "task": task_name}) + "\n")
+        mark_trained(out, {"seconds": round(time.time() - started, 1), "task": task_name})
         return best
 
     def _mark_real(self, ckpt: Path) -> None:

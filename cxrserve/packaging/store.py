@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -29,6 +30,22 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLER = REPO / "handlers" / "cxrserve_handler.py"
+
+
+#: Marker of a component whose training finished (``best.ckpt`` alone may be an interrupted run's).
+DONE = "DONE"
+
+
+def mark_trained(out: Path, info: dict) -> None:
+    """Mark ``out`` finished and drop its resume checkpoints.
+
+    ``last.ckpt`` (weights plus optimiser state, about 3x ``best.ckpt``) only serves to
+    resume an interrupted run; a finished component is never resumed, and keeping them
+    doubled a store build's disk use (1.4 GB of the demo build's 1.7 GB).
+    """
+    for resume_file in out.rglob("last.ckpt"):
+        resume_file.unlink()
+    (out / DONE).write_text(json.dumps(info) + "\n")
 
 
 def _load_yaml(path: Path) -> dict:
@@ -107,15 +124,17 @@ class StoreBuilder:
         cfg = dict(self.recipe["components"][name])
         out = self.work / "checkpoints" / name
         best = out / "best.ckpt"
-        if best.exists():
+        if best.exists() and (out / DONE).exists():
             return best
         task = get_task(cfg["task"])
         depends = {arg: self.checkpoint(dep) for arg, dep in cfg.get("depends", {}).items()}
         records = load_records([self.phantom_set(part) for part in cfg.get("data", ["train", "val"])])
         settings = {k: v for k, v in cfg.items() if k not in STORE_KEYS}
         log.info("training demo component %s", name)
+        started = time.time()
         task.train(records, out_dir=out, demo=True, version="0.1.0-demo", progress=self.progress,
                    device=self.device, resume=True, **depends, **settings)
+        mark_trained(out, {"seconds": round(time.time() - started, 1), "task": cfg["task"]})
         return best
 
     def formats(self, component: str) -> tuple[str, ...]:
