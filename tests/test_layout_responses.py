@@ -33,7 +33,7 @@ builder = StoreBuilder(store, work, progress=False)
 out = {}
 for name in names:
     mar = builder.archive(name)
-    folder = unpack_archive(mar, tempfile.mkdtemp())
+    folder = unpack_archive(mar, tempfile.mkdtemp(dir=store))  # removed with the test's tmp_path
     pipe = load_pipeline(folder, device="cpu")
     options = json.loads(sys.argv[5]).get(name, {})
     out[name] = [pipe.predict_bytes(Path(p).read_bytes(), options) for p in images]

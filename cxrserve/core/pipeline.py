@@ -440,12 +440,21 @@ def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict |
     from cxrserve.core.files import unpack_archive
 
     model_dir = Path(model_dir)
+    unpacked = None
     if model_dir.suffix == ".mar":
         import tempfile
 
-        model_dir = unpack_archive(model_dir, tempfile.mkdtemp(prefix=f"cxrserve-{model_dir.stem}-"))
+        model_dir = unpacked = unpack_archive(model_dir, tempfile.mkdtemp(prefix=f"cxrserve-{model_dir.stem}-"))
     spec = json.loads((model_dir / "pipeline.json").read_text())
     if config is None:
         config = spec.get("handler", {})
     cls = import_object(spec["pipeline_class"])
-    return cls(model_dir, device=pick_device(0, device), config=config)
+    pipeline = cls(model_dir, device=pick_device(0, device), config=config)
+    if unpacked is not None:
+        import shutil
+        import weakref
+
+        # The unpacked copy lives as long as the pipeline (components may load lazily), then goes
+        # (an archive is 30 MB to 1.5 GB; the test suite alone left GBs in /tmp).
+        weakref.finalize(pipeline, shutil.rmtree, unpacked, True)
+    return pipeline
