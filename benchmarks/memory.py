@@ -1,7 +1,8 @@
 """The whole store's memory (PSS) under TorchServe, per ONNX Runtime memory policy.
 
     PYTHONPATH=$PWD python benchmarks/memory.py [--store /work/main/model_store]
-        [--modes main arena lean shared] [--workers forked separate] [--out benchmarks/results/memory-....json]
+        [--modes main arena lean shared] [--workers forked separate] [--vmargs FLAGS ...]
+        [--out benchmarks/results/memory-....json]
 
 For each mode one private TorchServe (free loopback ports) loads every archive of the
 store, one worker each; every model then answers 8 requests (4 in flight, so batches of
@@ -10,7 +11,8 @@ up to 4 form) on a 2048 x 2048 JPEG-baseline phantom DICOM and a 2048-px PNG; PS
 and every worker, after loading and after the requests; then cxr-triage's REST
 throughput with 8 in flight (``--requests`` requests) checks the policy costs no speed.
 Each mode runs with workers forked from cxrserve's fork server (``forked``, what ``cxrserve
-serve start`` does) and started by TorchServe as separate interpreters (``separate``).
+serve start`` does) and started by TorchServe as separate interpreters (``separate``), and
+with each ``--vmargs`` line for the Java frontend (default: ``config.properties`` as it is).
 
 Modes: ``arena`` / ``lean`` / ``shared`` serve copies of the store's archives whose
 bundled ``cxrserve`` package is this checkout's (same weights, same model config) with
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -68,12 +71,15 @@ def branch_archive(mar: Path, folder: Path, handler_changes: dict) -> Path:
     return target
 
 
-def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: Path, workers: str = "forked") -> dict:
+def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: Path, workers: str = "forked",
+            vmargs: str | None = None) -> dict:
     if mode != "main":
         archives = {name: branch_archive(mar, work / f"store-{mode}", {"ort_memory": mode})
                     for name, mar in archives.items()}
-    run = TorchServeRun(archives, work / f"ts-{mode}-{workers}")
-    row: dict = {"mode": mode, "workers": workers}
+    # vmargs None: the repository's config.properties as it is; "" or flags: that JVM line instead
+    config = {} if vmargs is None else {"vmargs": vmargs}
+    run = TorchServeRun(archives, work / f"ts-{mode}-{workers}-{len(list(work.glob('ts-*')))}", config=config)
+    row: dict = {"mode": mode, "workers": workers, "vmargs": vmargs if vmargs is not None else _config_vmargs()}
     try:
         start = time.perf_counter()
         # forked: every worker from cxrserve's fork server (the default); separate: TorchServe's own start
@@ -95,12 +101,20 @@ def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: P
             row["triage_rest_studies_per_s"] = round(len(latencies) / wall, 3)
             row["triage_failures"] = failures
         row["pss_end_mb"] = total_pss_mb(run)
+        row["frontend_pss_mb"] = round(_pss(run.server_pid()) / 2**20, 1)
         client.close()
     finally:
         run.stop()
-    print(f"  {mode:7s} {workers:8s} PSS loaded {row.get('pss_loaded_mb')} MB, after requests {row.get('pss_after_requests_mb')} MB, "
+    print(f"  {mode:7s} {workers:8s} vmargs {row['vmargs']!r}: frontend {row.get('frontend_pss_mb')} MB, PSS loaded {row.get('pss_loaded_mb')} MB, after requests {row.get('pss_after_requests_mb')} MB, "
           f"triage REST {row.get('triage_rest_studies_per_s')} studies/s; workers {row.get('worker_pss_mb')}", flush=True)
     return row
+
+
+def _config_vmargs() -> str:
+    import re
+
+    found = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M)
+    return found.group(1).strip() if found else ""
 
 
 def main() -> int:
@@ -110,6 +124,9 @@ def main() -> int:
     parser.add_argument("--workers", nargs="+", choices=("forked", "separate"), default=["forked", "separate"],
                         help="how TorchServe's workers start: from the fork server, or each its own interpreter")
     parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--vmargs", nargs="+", metavar="FLAGS",
+                        help="the frontend's JVM flags to compare (each one run; '' is the JVM's defaults); "
+                             "default: config.properties as it is")
     parser.add_argument("--out")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxrserve-memory-"))
@@ -117,9 +134,13 @@ def main() -> int:
     inputs = phantom_inputs(ROOT / "build" / "bench-cache", 2048, ("jpeg_baseline",), png=True)
     result = {"archives": sorted(archives), "load_average_start": os.getloadavg(), "modes": []}
     print(f"{len(archives)} archives: {', '.join(archives)}")
-    for mode in args.modes:
-        for workers in args.workers:
-            result["modes"].append(measure(mode, archives, inputs, args.requests, work, workers))
+    try:
+        for mode in args.modes:
+            for workers in args.workers:
+                for vmargs in args.vmargs or [None]:
+                    result["modes"].append(measure(mode, archives, inputs, args.requests, work, workers, vmargs))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # archive copies and TorchServe run folders: GBs
     result["load_average_end"] = os.getloadavg()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

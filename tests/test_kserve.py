@@ -81,6 +81,11 @@ def test_repository_layout_pins_batch_size_one(repository, model_store):
             config = yaml.safe_load(zf.read("model-config.yaml"))
         assert config["batchSize"] == 1, mar.name
         assert "handler" in config  # cxrserve's own settings survive the rewrite
+    # the frontend's JVM runs with the repository's memory settings there too
+    flags = re.search(r"^vmargs=(.*)$", (REPO / "config.properties").read_text(), re.M).group(1).split()
+    kserve_flags = re.search(r"^vmargs=(.*)$", props, re.M).group(1).split()
+    assert flags and set(flags) <= set(kserve_flags)
+    assert "-Dlog4j.configurationFile=file:///mnt/models/config/log4j2.xml" in kserve_flags
 
 
 def test_v2_infer_every_model(kserve_served):

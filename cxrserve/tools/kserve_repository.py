@@ -42,7 +42,8 @@ metrics_mode=prometheus
 model_metrics_auto_detect=true
 default_response_timeout=120
 job_queue_size=200
-vmargs=-Dlog4j.configurationFile=file:///mnt/models/config/log4j2.xml
+# The frontend's JVM as in the repository's config.properties (~130 MB instead of ~400-480), plus the log config.
+vmargs=-XX:+UseSerialGC -Xms16m -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=30 -XX:ReservedCodeCacheSize=64m -Xss512k -XX:TieredStopAtLevel=1 -Dio.netty.allocator.type=unpooled -Dlog4j.configurationFile=file:///mnt/models/config/log4j2.xml
 """
 
 

@@ -31,8 +31,10 @@ class TorchServeRun:
     store so the server loads exactly these (variants of one archive included).
     """
 
-    def __init__(self, archives: dict[str, Path], workdir: Path, *, gpus: int = 0, timeout: float = 600):
+    def __init__(self, archives: dict[str, Path], workdir: Path, *, gpus: int = 0, timeout: float = 600,
+                 config: dict[str, str] | None = None):
         self.archives = archives
+        self.config = config or {}  # config.properties keys to set (e.g. vmargs), after the repository's
         self.workdir = Path(workdir)
         self.gpus = gpus
         self.timeout = timeout
@@ -58,6 +60,7 @@ class TorchServeRun:
             "max_request_size": "67108864",
             "max_response_size": "67108864",
             "number_of_gpu": str(self.gpus),
+            **self.config,
         }
         for key, value in settings.items():
             if re.search(rf"^{re.escape(key)}=", text, flags=re.M):
