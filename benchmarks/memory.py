@@ -38,6 +38,7 @@ from cxrserve.tools.bench.inputs import phantom_inputs  # noqa: E402
 from cxrserve.tools.bench.measure import run_concurrent  # noqa: E402
 from cxrserve.tools.bench.suite import _pss  # noqa: E402
 from cxrserve.tools.bench.torchserve import TorchServeRun  # noqa: E402
+from cxrserve.tools.server import read_properties  # noqa: E402
 
 
 def total_pss_mb(run: TorchServeRun) -> float:
@@ -72,14 +73,15 @@ def branch_archive(mar: Path, folder: Path, handler_changes: dict) -> Path:
 
 
 def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: Path, workers: str = "forked",
-            vmargs: str | None = None) -> dict:
+            vmargs: str | None = None, run_name: str = "ts") -> dict:
     if mode != "main":
         archives = {name: branch_archive(mar, work / f"store-{mode}", {"ort_memory": mode})
                     for name, mar in archives.items()}
     # vmargs None: the repository's config.properties as it is; "" or flags: that JVM line instead
     config = {} if vmargs is None else {"vmargs": vmargs}
-    run = TorchServeRun(archives, work / f"ts-{mode}-{workers}-{len(list(work.glob('ts-*')))}", config=config)
-    row: dict = {"mode": mode, "workers": workers, "vmargs": vmargs if vmargs is not None else _config_vmargs()}
+    run = TorchServeRun(archives, work / run_name, config=config)
+    row: dict = {"mode": mode, "workers": workers,
+                 "vmargs": vmargs if vmargs is not None else read_properties(ROOT / "config.properties").get("vmargs", "")}
     try:
         start = time.perf_counter()
         # forked: every worker from cxrserve's fork server (the default); separate: TorchServe's own start
@@ -110,13 +112,6 @@ def measure(mode: str, archives: dict[str, Path], inputs, requests: int, work: P
     return row
 
 
-def _config_vmargs() -> str:
-    import re
-
-    found = re.search(r"^vmargs=(.*)$", (ROOT / "config.properties").read_text(), flags=re.M)
-    return found.group(1).strip() if found else ""
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", default=os.environ.get("CXRSERVE_STORE", "model_store"))
@@ -134,11 +129,10 @@ def main() -> int:
     inputs = phantom_inputs(ROOT / "build" / "bench-cache", 2048, ("jpeg_baseline",), png=True)
     result = {"archives": sorted(archives), "load_average_start": os.getloadavg(), "modes": []}
     print(f"{len(archives)} archives: {', '.join(archives)}")
+    runs = [(mode, workers, vmargs) for mode in args.modes for workers in args.workers for vmargs in args.vmargs or [None]]
     try:
-        for mode in args.modes:
-            for workers in args.workers:
-                for vmargs in args.vmargs or [None]:
-                    result["modes"].append(measure(mode, archives, inputs, args.requests, work, workers, vmargs))
+        for k, (mode, workers, vmargs) in enumerate(runs):
+            result["modes"].append(measure(mode, archives, inputs, args.requests, work, workers, vmargs, f"ts-{k}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)  # archive copies and TorchServe run folders: GBs
     result["load_average_end"] = os.getloadavg()

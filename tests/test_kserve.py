@@ -82,8 +82,8 @@ def test_repository_layout_pins_batch_size_one(repository, model_store):
         assert config["batchSize"] == 1, mar.name
         assert "handler" in config  # cxrserve's own settings survive the rewrite
     # the frontend's JVM runs with the repository's memory settings there too
-    flags = re.search(r"^vmargs=(.*)$", (REPO / "config.properties").read_text(), re.M).group(1).split()
-    kserve_flags = re.search(r"^vmargs=(.*)$", props, re.M).group(1).split()
+    flags = server.read_properties(REPO / "config.properties")["vmargs"].split()
+    kserve_flags = server.read_properties(repository / "config" / "config.properties")["vmargs"].split()
     assert flags and set(flags) <= set(kserve_flags)
     assert "-Dlog4j.configurationFile=file:///mnt/models/config/log4j2.xml" in kserve_flags
 

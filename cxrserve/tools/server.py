@@ -56,7 +56,8 @@ def _torchserve() -> str:
     return str(exe) if exe.exists() else (shutil.which("torchserve") or "torchserve")
 
 
-def _parse_properties(path: Path) -> dict:
+def read_properties(path: str | Path) -> dict:
+    """``key=value`` lines of a TorchServe ``config.properties`` (comments skipped)."""
     props = {}
     for line in path.read_text().splitlines():
         line = line.strip()
@@ -99,7 +100,7 @@ def start(config: str | Path = "config.properties", store: str | Path = "model_s
     archives = sorted(p.stem for p in store.glob("*.mar"))
     if not archives:
         raise FileNotFoundError(f"no .mar archives in {store}: run `make store` first")
-    props = _parse_properties(config)
+    props = read_properties(config)
     inference = props.get("inference_address", DEFAULT_INFERENCE)
     management = props.get("management_address", DEFAULT_MANAGEMENT)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -239,7 +240,7 @@ def probe(config: str | Path = "config.properties", workdir: str | Path = ".", r
     nothing about models, inputs or metrics leaves this function.
     """
     config, workdir = Path(config).resolve(), Path(workdir).resolve()
-    props = _parse_properties(config)
+    props = read_properties(config)
     inference = props.get("inference_address", DEFAULT_INFERENCE)
     management = props.get("management_address", DEFAULT_MANAGEMENT)
     tokens = props.get("disable_token_authorization", "false").strip().lower() != "true"
