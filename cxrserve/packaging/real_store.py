@@ -203,8 +203,9 @@ class RealStoreBuilder(StoreBuilder):
         import torch
 
         from cxrserve.core.card import ModelCard
+        from cxrserve.models.checkpoint import load_checkpoint
 
-        payload = torch.load(ckpt, map_location="cpu", weights_only=False)
+        payload = load_checkpoint(ckpt)  # weights_only: a --checkpoint path is the user's
         card = ModelCard.from_dict(payload["card"])
         card.demo = False
         card.version = self.version
@@ -248,11 +249,10 @@ class RealStoreBuilder(StoreBuilder):
 
 # --------------------------------------------------------------------------- evaluation
 def _card(ckpt: Path):
-    import torch
-
     from cxrserve.core.card import ModelCard
+    from cxrserve.models.checkpoint import load_checkpoint
 
-    return ModelCard.from_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["card"])
+    return ModelCard.from_dict(load_checkpoint(ckpt)["card"])
 
 
 def _numbers(metrics: dict) -> dict:
