@@ -486,10 +486,11 @@ def _import_kserve():
 
 
 # --------------------------------------------------------------------------- REST routes
-def _error_response(err: CXRInputError):
+def _error_response(err: CXRInputError, close: bool = False):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(status_code=err.status, content=err.to_dict())
+    # close: the rest of an over-limit body is never read, so the connection cannot be reused
+    return JSONResponse(status_code=err.status, content=err.to_dict(), headers={"Connection": "close"} if close else None)
 
 
 def parse_binary_request(body: bytes, json_length: int, model_name: str):
@@ -553,10 +554,18 @@ def install_routes(app, server, max_body: int) -> None:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_body:
             return _error_response(PayloadTooLarge(
-                f"request of {int(declared)} bytes is over this server's {max_body}-byte limit"))
-        body = await request.body()
-        if len(body) > max_body:
-            return _error_response(PayloadTooLarge(f"request of {len(body)} bytes is over the {max_body}-byte limit"))
+                f"request of {int(declared)} bytes is over this server's {max_body}-byte limit"), close=True)
+        # Counted as it arrives: a chunked (or lying) upload is refused at the limit, not after
+        # the whole body has been buffered.
+        chunks, received = [], 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_body:
+                return _error_response(PayloadTooLarge(f"request body is over the {max_body}-byte limit"),
+                                       close=True)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
         headers = dict(request.headers)
         json_length = headers.get("inference-header-content-length")
         if json_length is not None:
