@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -166,3 +167,119 @@ def test_forked_worker_reports_its_exit_status(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert not sock.exists()
+
+
+# --------------------------------------------------------------------------- the socket's place
+def run_worker(script: str, tmp_path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """One worker start through the launcher: it prints its parent pid."""
+    worker = tmp_path / "ts" / "model_service_worker.py"
+    worker.parent.mkdir(exist_ok=True)
+    worker.write_text("import os\nprint(os.getppid(), flush=True)\n")
+    return subprocess.run([script, str(worker)], capture_output=True, text=True, timeout=timeout)
+
+
+def listening(path) -> "socket.socket":
+    import socket
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.setblocking(False)
+    return listener
+
+
+def got_a_connection(listener) -> bool:
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+def test_a_long_run_folder_gets_a_private_socket_folder_not_the_old_predictable_path(tmp_path):
+    import hashlib
+    import stat
+    import tempfile
+
+    workdir = tmp_path / ("r" * 110)  # <run>/tmp/forkserver/forkserver.sock would pass AF_UNIX's limit
+    (workdir / "logs").mkdir(parents=True)
+    # Someone else listening first at the path the old code always used for this run folder.
+    old = Path(tempfile.gettempdir()) / f"cxrserve-{hashlib.sha1(str(workdir).encode()).hexdigest()[:12]}.sock"
+    planted = listening(old)
+    try:
+        script = server._start_forkserver(workdir, dict(os.environ))
+        assert script is not None, (workdir / "logs" / "forkserver.log").read_text()[-2000:]
+        sock = Path(json.loads(server._forkserver_state(workdir).read_text())["socket"])
+        folder = sock.parent
+        assert sock != old and folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("cxrserve-")
+        st = os.lstat(folder)
+        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+        assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+        out = run_worker(script, tmp_path)
+        assert out.returncode == 0 and int(out.stdout) == server.forkserver_pid(workdir), out.stderr
+        assert not got_a_connection(planted), "a worker was sent to the planted socket"
+    finally:
+        server._stop_forkserver(workdir)
+        planted.close()
+        old.unlink(missing_ok=True)
+    assert not folder.exists(), "the private socket folder outlived the stop"
+
+
+def test_a_short_run_folder_keeps_its_socket_in_a_0700_folder_of_the_run(tmp_path):
+    import stat
+
+    tmp = tmp_path / "run" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "forkserver").mkdir(mode=0o755)
+    os.chmod(tmp / "forkserver", 0o755)  # left open by an older run: made private again
+    folder, temporary = server._socket_folder(tmp)
+    assert folder == tmp / "forkserver" and not temporary
+    assert stat.S_IMODE(os.lstat(folder).st_mode) == 0o700
+
+
+def test_the_launcher_refuses_a_socket_it_cannot_trust(tmp_path):
+    """A socket in a folder others can enter, a non-socket or a symlink: the worker starts directly."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o755)
+    planted = listening(shared / "fs.sock")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "file.sock").write_text("")
+    os.symlink(shared / "fs.sock", private / "link.sock")
+    try:
+        assert "mode 755" in forkserver.socket_problem(shared / "fs.sock")
+        assert "not a socket" in forkserver.socket_problem(private / "file.sock")
+        assert "not a socket" in forkserver.socket_problem(private / "link.sock")  # lstat: the link itself
+        for path in (shared / "fs.sock", private / "link.sock"):
+            out = run_worker(forkserver.launcher(tmp_path, path), tmp_path, timeout=30)
+            assert out.returncode == 0 and "socket refused" in out.stderr, out.stderr
+            assert not got_a_connection(planted), f"the launcher connected to {path}"
+    finally:
+        planted.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another user needs root")
+def test_a_socket_of_another_user_is_refused(tmp_path):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    planted = listening(private / "fs.sock")
+    try:
+        os.chown(private / "fs.sock", 65534, 65534)
+        assert "belongs to uid 65534" in forkserver.socket_problem(private / "fs.sock")
+        os.chown(private / "fs.sock", 0, 0)
+        os.chown(private, 65534, 65534)
+        assert "belongs to uid 65534" in forkserver.socket_problem(private / "fs.sock")
+    finally:
+        planted.close()
+
+
+def test_the_server_will_not_listen_in_a_folder_others_can_enter(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    out = subprocess.run([sys.executable, forkserver.__file__, "serve", str(shared / "fs.sock")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "refusing to listen" in out.stderr, out.stderr
+    assert not list(shared.iterdir())

@@ -24,6 +24,9 @@ it off):
   with the worker's status, and if it is killed (TorchServe's ``destroyForcibly``) the
   child sees its connection close and exits. If the server is unreachable the client
   becomes an ordinary worker (``exec`` of the real Python), so nothing depends on it.
+- The socket lives in a folder only this user can enter (0700, ours; :func:`socket_problem`
+  is checked by the server before it listens and by the client before it connects), since
+  whoever listens there would receive every worker's argv, environment and stdio.
 
 The client half uses the standard library only and runs with ``python -IS``.
 """
@@ -33,6 +36,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 
 #: Third-party modules every worker imports (missing ones are skipped). Never cxrserve's own.
@@ -41,6 +45,44 @@ PRELOAD = ("numpy", "torch", "torchvision", "onnxruntime", "cv2", "PIL.Image", "
            "ts.protocol.otf_message_handler", "ts.arg_parser", "ts.torch_handler.base_handler")
 _HEADER_LIMIT = 4 << 20
 _REQUEST_TIMEOUT = 10.0
+
+
+# ----------------------------------------------------------------------------- the socket's place
+
+
+def folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot hold the socket (None: it can): a real directory of ours, 0700.
+
+    Whoever can create the socket's path first receives every worker's argv, environment
+    (tokens included) and stdio, so the folder must be one that only this user can enter.
+    """
+    try:
+        st = os.lstat(folder)  # lstat: a symlink to someone else's folder is not ours
+    except OSError as err:
+        return f"{os.fspath(folder)}: {err.strerror}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{os.fspath(folder)} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"{os.fspath(folder)} belongs to uid {st.st_uid}, not {os.getuid()}"
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"{os.fspath(folder)} has mode {stat.S_IMODE(st.st_mode):o}, not 700"
+    return None
+
+
+def socket_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` must not be connected to (None: it may): our socket in a :func:`folder_problem`-free folder."""
+    problem = folder_problem(os.path.dirname(os.path.abspath(path)))
+    if problem:
+        return problem
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        return f"{os.fspath(path)}: {err.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"{os.fspath(path)} is not a socket"
+    if st.st_uid != os.getuid():
+        return f"{os.fspath(path)} belongs to uid {st.st_uid}, not {os.getuid()}"
+    return None
 
 
 # ----------------------------------------------------------------------------- client
@@ -53,6 +95,13 @@ def _send_request(conn: socket.socket, argv: list[str]) -> None:
 
 def connect(path: str, argv: list[str], real_python: str) -> int:
     """Run ``argv`` (a worker command line) as a child of the server at ``path``; its exit status."""
+    problem = socket_problem(path)
+    if problem:
+        # Never hand argv, environment and stdio to a socket someone else could have made.
+        if os.path.lexists(path):  # (no socket at all: the server is stopped, nothing to report)
+            print(f"cxrserve fork server socket refused ({problem}): starting the worker directly",
+                  file=sys.stderr, flush=True)
+        os.execv(real_python, [real_python, *argv])
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(path)
@@ -170,6 +219,9 @@ def serve(path: str) -> None:
     import gc
     import importlib
 
+    problem = folder_problem(os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise SystemExit(f"fork server: refusing to listen there ({problem})")
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         sys.path.pop(0)  # run as a script: cxrserve/tools must not shadow anything
     for name in PRELOAD:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -192,28 +193,62 @@ def _start_forkserver(workdir: Path, env: dict, timeout: float = 120) -> str | N
     if env.get("CXRSERVE_FORKSERVER", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     tmp = _tmpdir(workdir)
-    sock = tmp / "forkserver.sock"
-    if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
-        import hashlib
-        import tempfile
-
-        sock = Path(tempfile.gettempdir()) / f"cxrserve-{hashlib.sha1(str(workdir).encode()).hexdigest()[:12]}.sock"
+    folder, temporary = _socket_folder(tmp)
+    sock = folder / "forkserver.sock"
     log = open(workdir / "logs" / "forkserver.log", "ab")
     proc = subprocess.Popen([sys.executable, forkserver.__file__, "serve", str(sock)], cwd=workdir, env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
-    _forkserver_state(workdir).write_text(json.dumps({"pid": proc.pid, "socket": str(sock)}))
+    _forkserver_state(workdir).write_text(json.dumps(
+        {"pid": proc.pid, "socket": str(sock), **({"folder": str(folder)} if temporary else {})}))
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if sock.exists():
-            return forkserver.launcher(tmp, sock)
+        if os.path.lexists(sock):
+            if forkserver.socket_problem(sock) is None:
+                return forkserver.launcher(tmp, sock)
+            break  # something else is at our socket's path: never send workers there
         time.sleep(0.2)
     _stop_forkserver(workdir)  # workers then start the ordinary way
     return None
 
 
+def _socket_folder(tmp: Path) -> tuple[Path, bool]:
+    """A folder only this user can enter for the fork server's socket; (folder, made by mkdtemp).
+
+    ``<run>/tmp/forkserver`` (0700) when its socket path fits AF_UNIX's 108 bytes, else a
+    fresh ``tempfile.mkdtemp`` folder: unpredictable, 0700, removed on stop. (A fixed name in
+    /tmp could be taken first by another user, who would then receive every worker's argv,
+    environment with its tokens, and stdio.)
+    """
+    import tempfile
+
+    folder = tmp / "forkserver"
+    if len(str(folder / "forkserver.sock")) + len(".tmp") <= 100:
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            st = os.lstat(folder)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                os.chmod(folder, 0o700)  # ours, left with another mode: make it private again
+        if forkserver.folder_problem(folder) is None:
+            return folder, False
+    return Path(tempfile.mkdtemp(prefix="cxrserve-")), True
+
+
+def _is_socket_tempdir(folder: Path) -> bool:
+    """A folder :func:`_socket_folder` made with mkdtemp (ours, 0700, not a symlink): safe to remove."""
+    import tempfile
+
+    return (folder.parent == Path(tempfile.gettempdir()) and folder.name.startswith("cxrserve-")
+            and forkserver.folder_problem(folder) is None)
+
+
 def _stop_forkserver(workdir: Path) -> None:
     pid = forkserver_pid(workdir)
+    try:
+        folder = json.loads(_forkserver_state(workdir).read_text()).get("folder")
+    except (OSError, ValueError, AttributeError):
+        folder = None
     if pid is not None:
         import signal
 
@@ -228,6 +263,8 @@ def _stop_forkserver(workdir: Path) -> None:
                 except OSError:
                     break
             time.sleep(0.1)
+    if folder and _is_socket_tempdir(Path(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
     _forkserver_state(workdir).unlink(missing_ok=True)
 
 
