@@ -223,3 +223,68 @@ def test_killed_batch_process_resumes_to_one_row_per_file(mixed, served, tmp_pat
     check_rows(rows, 14)
     assert rows[: len(partial)] == partial
     assert_no_phi(out, str(out) + ".summary.json")
+
+
+
+BIRTH_DATE = "1950/01/02"  # not a DICOM DA: pydicom quotes it in its warnings and errors
+
+
+def run_one_dicom_out(tmp_path, caplog, response: dict):
+    """A --dicom-out batch of one DICOM (PHI + a malformed birth date); (log text, output texts)."""
+    import logging
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    img = render(sample_spec(7100, kind="frontal", height=256, width=256)).image
+    (folder / "IM0001.dcm").write_bytes(to_dicom(img, modality="CR", patient_name=PHI[0], patient_id=PHI[2],
+                                                 birth_date=BIRTH_DATE, tags={"SOPInstanceUID": PHI[4]}))
+
+    class Client:
+        def predict(self, model, data, options=None):
+            return response
+
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # writing the test file above logs pydicom's own warning: only the batch counts
+    out = tmp_path / "rows.csv"
+    scorer = RemoteScorer(Client(), "cxr-study", {}, dicom_out=tmp_path / "objects")
+    run_batch([folder / "IM0001.dcm"], out, scorer=scorer, concurrency=1, progress=False)
+    return caplog.text, [out.read_text(encoding="utf-8"), (tmp_path / "rows.csv.summary.json").read_text()]
+
+
+def assert_no_value(texts) -> None:
+    for text in texts:
+        for value in (BIRTH_DATE, *PHI):
+            assert value not in text, f"{value!r} in {text[:800]!r}"
+
+
+def test_a_library_error_quoting_a_dicom_value_is_not_logged_or_written(tmp_path, caplog, monkeypatch):
+    """``--dicom-out`` objects failing on a header value: the log names the error type only.
+
+    pydicom's own message for a birth date it cannot read is "Unable to convert
+    '1950/01/02' to 'DA' object"; the old log line printed it.
+    """
+    import pydicom.valuerep
+
+    import cxrserve.tools.dicom_results as dicom_results
+
+    def build_results(source, response):
+        # as clean_source does for other attributes: pydicom warns, quoting the value
+        source.PatientBirthDate = str(source.PatientBirthDate)
+        pydicom.valuerep.DA(str(source.PatientBirthDate))  # a builder reading it as a date
+        raise AssertionError("pydicom accepted the malformed date: this test no longer tests anything")
+
+    monkeypatch.setattr(dicom_results, "build_results", build_results)
+    logged, outputs = run_one_dicom_out(tmp_path, caplog, {
+        "model": "cxr-study", "model_version": "0.1.0-demo", "results": {}, "input": {"format": "dicom"}})
+    assert "no DICOM result objects: ValueError" in logged, logged
+    assert "Invalid value for VR DA: '<withheld>'" in logged, logged
+    assert_no_value([logged, *outputs])
+
+
+def test_writing_result_objects_logs_no_dicom_value(tmp_path, caplog):
+    """The real result builders (highdicom) copy the patient module, logging the source's SOP UID."""
+    logged, outputs = run_one_dicom_out(tmp_path, caplog, {
+        "model": "cxr-study", "model_version": "0.1.0-demo", "results": {}, "input": {"format": "dicom"},
+        "input_gate": {"verdict": "frontal_cxr", "score": 0.99, "threshold": 0.5, "enforced": False}})
+    assert list((tmp_path / "objects").rglob("*.dcm")), "no result object was written: nothing was tested"
+    assert_no_value([logged, *outputs])

@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -282,6 +283,53 @@ def make_row(item: BatchInput, *, status: int, result: dict | None = None, error
     return row
 
 
+def error_text(err: BaseException, safe: tuple[type[BaseException], ...] = ()) -> str:
+    """What a log line or row may say about ``err``: its type, and its message only when cxrserve wrote it.
+
+    Other libraries quote the value they choke on (pydicom: "Unable to convert '1950/01/02'
+    to 'DA' object" for a Patient's Birth Date), and a DICOM value may identify the patient.
+    ``safe``: further cxrserve exception types whose messages are written to be shown.
+    """
+    from cxrserve.core.errors import CXRInputError
+    from cxrserve.tools.client import CXRServeError
+
+    if isinstance(err, (CXRInputError, CXRServeError, *safe)):
+        return f"{type(err).__name__}: {getattr(err, 'message', None) or err}"
+    return f"{type(err).__name__} (message withheld: it may quote a DICOM value)"
+
+
+class WithholdQuotedValues(logging.Filter):
+    """pydicom's own warnings quote the value they flag ("Invalid value for VR DA: '1950/01/02'.",
+    logged when ``--dicom-out`` copies the patient module): the batch log keeps the warning
+    without the value."""
+
+    QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.QUOTED.sub("'<withheld>'", record.getMessage()), ()
+        return True
+
+
+def withhold_dicom_values() -> None:
+    """Keep DICOM values out of the batch log; idempotent.
+
+    * :class:`WithholdQuotedValues` on pydicom's logger (pydicom logs on that one logger),
+      and the same text that pydicom repeats as a ``UserWarning`` (stderr) silenced;
+    * highdicom's INFO/DEBUG lines off: while ``--dicom-out`` builds objects they name the
+      source's SOP Instance UID ("copy Patient-related attributes from dataset "1.2...""),
+      which batch outputs only ever show hashed.
+    """
+    import warnings
+
+    pydicom_log = logging.getLogger("pydicom")
+    if not any(isinstance(f, WithholdQuotedValues) for f in pydicom_log.filters):
+        pydicom_log.addFilter(WithholdQuotedValues())
+    warnings.filterwarnings("ignore", message=r"Invalid value for VR", category=UserWarning)
+    highdicom_log = logging.getLogger("highdicom")
+    if highdicom_log.getEffectiveLevel() < logging.WARNING:
+        highdicom_log.setLevel(logging.WARNING)
+
+
 def write_dicom_results(item: BatchInput, data: bytes, result: dict, dicom_out: Path | None) -> None:
     """``--dicom-out``: SR + SEG + heatmap SCs of a DICOM input's cxr-study result, under
     ``dicom_out/<hashed SOP UID>/`` (:mod:`cxrserve.tools.dicom_results`); nothing for other inputs."""
@@ -289,13 +337,13 @@ def write_dicom_results(item: BatchInput, data: bytes, result: dict, dicom_out: 
         return
     import pydicom
 
-    from cxrserve.tools.dicom_results import build_results, write_results
+    from cxrserve.tools.dicom_results import NotProcessed, build_results, write_results
 
     try:
         objects = build_results(pydicom.dcmread(io.BytesIO(data), force=True), result)
         write_results(objects, Path(dicom_out) / item.input_id.split(":", 1)[-1])
     except Exception as err:  # noqa: BLE001 - the row is still written; neighbours unaffected
-        log.warning("%s: no DICOM result objects: %s: %s", item.input_id, type(err).__name__, err)
+        log.warning("%s: no DICOM result objects: %s", item.input_id, error_text(err, safe=(NotProcessed,)))
 
 
 class RemoteScorer:
@@ -329,7 +377,7 @@ class RemoteScorer:
                 time.sleep(min(8.0, 0.5 * 2**attempt))
         status = getattr(last, "status", 0) or 0
         return make_row(item, status=status if status >= 500 else 503,
-                        error=getattr(last, "code", "error"), message=getattr(last, "message", str(last)),
+                        error=getattr(last, "code", "error"), message=getattr(last, "message", "no answer"),
                         seconds=time.perf_counter() - start)
 
 
@@ -444,6 +492,7 @@ def run_batch(inputs: Iterable[Path], out: str | Path, *, scorer: Callable[[Batc
 
     from tqdm.auto import tqdm
 
+    withhold_dicom_values()
     writer = RowWriter(out, overwrite=overwrite, columns=columns)
     summary = Summary(retried_from_previous_run=writer.retried)
     seen: dict[str, str] = {}  # input_id -> file that holds it in this run
