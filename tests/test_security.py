@@ -101,13 +101,35 @@ def test_every_listener_is_loopback_by_default(served):
     if ip is None:
         pytest.skip("this machine has no non-loopback address to try from")
     ports = [int(served.management.rsplit(":", 1)[1]), served.grpc_management_port,
-             int(served.inference.rsplit(":", 1)[1])]
+             int(served.inference.rsplit(":", 1)[1]), int(served.metrics.rsplit(":", 1)[1])]
     for port in ports:
         with socket.socket() as s:
             s.settimeout(3)
             assert s.connect_ex((ip, port)) != 0, f"port {port} answers on {ip}"
     # ... while loopback works (the server is up)
     assert requests.get(f"{served.management}/models", headers=served.headers("management"), timeout=10).ok
+
+
+def test_what_answers_without_a_token_reveals_no_model_output_or_patient_data(served):
+    """TorchServe 0.12 answers ``OPTIONS /`` and ``GET /api-description`` (8080, 8081) before
+    its token check, and its metrics listener has no token check at all; no setting changes
+    that (README, "Security"). Pin what they give after a DICOM with identifiers was scored:
+    the public OpenAPI schema (no model names, outputs or identifiers), and metrics with
+    counts, timings and score histograms but no identifier and no token."""
+    r = served.post("cxr-triage", phi_dicom())
+    assert r.status_code == 200, r.text[:300]
+    secrets = [v.encode() for v in served.keys.values() if isinstance(v, str)]
+    for base in (served.inference, served.management):
+        for answer in (requests.options(f"{base}/", timeout=10), requests.get(f"{base}/api-description", timeout=10)):
+            assert answer.status_code == 200, (answer.url, answer.status_code)
+            schema = answer.json()
+            assert "openapi" in schema and "paths" in schema, answer.url
+            for leak in (*IDENTIFIERS, b"cxr-triage", b"probabilities", *secrets):
+                assert leak not in answer.content, (answer.url, leak)
+    metrics = requests.get(f"{served.metrics}/metrics", timeout=10)
+    assert metrics.status_code == 200
+    for leak in (*IDENTIFIERS, *secrets, b"1.2.826.0.1.3680043.8.498.77"):
+        assert leak not in metrics.content, leak
 
 
 # --------------------------------------------------------------------------- identifiers
