@@ -8,11 +8,14 @@ Every model in cxrserve starts from :class:`XRay`, whatever the file was:
   were trained on.
 
 DICOM pipeline (PS3.3 C.11 / C.7.6.3): parse (with or without preamble and file meta)
--> reject non-image and multi-frame objects -> check pixel count before decoding ->
-decode any transfer syntax pydicom + pylibjpeg handle -> mask unused high bits
+-> reject non-image and multi-frame objects -> check pixel count, decode memory and each
+encapsulated frame's own header before decoding (:mod:`cxrserve.core.bounded`; a deflated
+data set is inflated there, under ``max_bytes``) -> decode any of
+:data:`~cxrserve.core.bounded.DECODABLE_TRANSFER_SYNTAXES` -> mask unused high bits
 (BitsStored) -> Modality LUT (rescale slope/intercept or LUT sequence) -> VOI (first
 window, or VOI LUT sequence; min-max when neither) -> invert MONOCHROME1.
-Raster pipeline: Pillow, header-first pixel-count check (decompression bombs), EXIF
+Raster pipeline: Pillow, header-first pixel-count check (decompression bombs; PNG
+text/ICC chunks bounded too), EXIF
 orientation, 8/16-bit grey, RGB/RGBA/palette/CMYK -> grey.
 
 Nothing here keeps patient identifiers: the only DICOM fields copied out are technical
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrserve.core import bounded
 from cxrserve.core.errors import MalformedInput, NotFrontalCXR, PayloadTooLarge, UnsupportedFormat
 from cxrserve.core.dicom_display import _mono_pipeline, _text
 
@@ -164,7 +168,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIX
     kind = sniff_format(data)
     if kind == "dicom":
         try:
-            return _decode_dicom(data, max_pixels, target)
+            return _decode_dicom(data, max_pixels, target, max_bytes)
         except (MalformedInput, PayloadTooLarge, UnsupportedFormat):
             raise
         except Exception as err:  # pydicom reads values lazily: corrupt ones raise many types, late
@@ -211,6 +215,8 @@ def _check_pixel_count(width: int, height: int, max_pixels: int) -> None:
 def _decode_raster(data: bytes, kind: str, max_pixels: int, target: int | None = None) -> XRay:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if kind == "png":
+        bounded.check_png_chunks(data)
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below is stricter than Pillow's warning threshold.
@@ -229,6 +235,10 @@ def _decode_raster(data: bytes, kind: str, max_pixels: int, target: int | None =
         raise
     except Image.DecompressionBombError as err:
         raise PayloadTooLarge(f"image exceeds the {max_pixels / 1e6:.0f} Mpx limit: {err}") from err
+    except ValueError as err:
+        if "MAX_TEXT" in str(err):  # Pillow's caps on inflated zTXt/iTXt/iCCP chunks: a bomb
+            raise PayloadTooLarge(f"PNG text/ICC chunk inflates past Pillow's cap: {err}") from err
+        raise MalformedInput(f"corrupt or truncated {kind.upper()} file: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise MalformedInput(f"corrupt or truncated {kind.upper()} file: {err}") from err
 
@@ -291,13 +301,15 @@ def _decode_raster(data: bytes, kind: str, max_pixels: int, target: int | None =
 
 
 # --------------------------------------------------------------------------- DICOM
-def _read_dataset(data: bytes):
-    import pydicom
+def _read_dataset(data: bytes, max_bytes: int = MAX_BYTES):
     from pydicom.errors import InvalidDicomError
     from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        # bounded.dcmread: a deflated data set is inflated under max_bytes, never by pydicom
+        ds = bounded.dcmread(data, max_bytes=max_bytes)
+    except (MalformedInput, PayloadTooLarge):
+        raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, struct.error) as err:
         # The type only: pydicom's messages may quote header values (patient identifiers).
         raise MalformedInput(f"corrupt DICOM file ({type(err).__name__})") from err
@@ -316,8 +328,9 @@ def _read_dataset(data: bytes):
     return ds
 
 
-def _decode_dicom(data: bytes, max_pixels: int, target: int | None = None) -> XRay:
-    ds = _read_dataset(data)
+def _decode_dicom(data: bytes, max_pixels: int, target: int | None = None,
+                  max_bytes: int = MAX_BYTES) -> XRay:
+    ds = _read_dataset(data, max_bytes)
     sop_class = ds.get("SOPClassUID")
     sop_name = getattr(sop_class, "name", str(sop_class or "unknown SOP class"))
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -343,6 +356,9 @@ def _decode_dicom(data: bytes, max_pixels: int, target: int | None = None) -> XR
     except (AttributeError, TypeError, ValueError) as err:
         raise MalformedInput(f"DICOM image module incomplete or invalid: {err}") from err
     _check_pixel_count(cols, rows, max_pixels)
+    # Before any decoder runs, fast path included: decode memory, transfer syntax, and
+    # each encapsulated frame's own size (a 512 x 512 header over a 12000 x 12000 JPEG).
+    bounded.check_dataset(ds, max_pixels)
     photometric = _text(ds, "PhotometricInterpretation") or "MONOCHROME2"
 
     if target and samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2") and bits_allocated <= 16:
@@ -350,7 +366,8 @@ def _decode_dicom(data: bytes, max_pixels: int, target: int | None = None) -> XR
             from cxrserve.core.fastdecode import mono_reduced
 
             warn: list[str] = []
-            small = mono_reduced(ds, rows, cols, bits_stored, signed, photometric, target, warn)
+            small = mono_reduced(ds, rows, cols, bits_stored, signed, photometric, target, warn,
+                                 max_pixels=max_pixels)
         except (MalformedInput, PayloadTooLarge, UnsupportedFormat):
             raise
         except Exception:  # noqa: BLE001  the full path below reports what the file's problem is
