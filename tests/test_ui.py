@@ -1,7 +1,9 @@
 """The viewer's server (`cxrserve ui`): page, guards, and the proxy to TorchServe.
 
 Guards are checked against a TorchServe address where nothing listens; the proxy
-against the session's real TorchServe (``served``), including models it lacks.
+against the session's real TorchServe (``served``), including models it lacks. Every
+client logs in as a browser does, through the printed secret URL (its own guards, the
+lengths and the timeouts are in test_ui_security.py).
 """
 from __future__ import annotations
 
@@ -35,6 +37,14 @@ def start(config: UIConfig):
     return server
 
 
+def login(server) -> requests.Session:
+    """A client holding the viewer's cookie, got the browser's way (the printed URL)."""
+    session = requests.Session()
+    r = session.get(server.secret_url, timeout=10)
+    assert r.status_code == 200 and r.url == server.url, r.text
+    return session
+
+
 @pytest.fixture
 def offline_ui():
     """A viewer whose TorchServe address has nothing listening."""
@@ -45,14 +55,20 @@ def offline_ui():
     server.server_close()
 
 
+@pytest.fixture
+def offline_api(offline_ui):
+    with login(offline_ui) as session:
+        yield session
+
+
 @pytest.fixture(scope="module")
 def frontal_png() -> bytes:
     return png(render(sample_spec(77, label="covid19", height=320, width=320, min_extent=2)).image)
 
 
 # --------------------------------------------------------------------------- guards
-def test_page_is_served_with_a_strict_policy(offline_ui):
-    r = requests.get(offline_ui.url, timeout=10)
+def test_page_is_served_with_a_strict_policy(offline_ui, offline_api):
+    r = offline_api.get(offline_ui.url, timeout=10)
     assert r.status_code == 200 and "<title>cxrserve viewer</title>" in r.text
     policy = r.headers["Content-Security-Policy"]
     assert "default-src 'none'" in policy and "script-src 'self'" in policy
@@ -66,8 +82,8 @@ def test_page_is_served_with_a_strict_policy(offline_ui):
     ({"Host": "attacker.example:80"}, 403),  # DNS rebinding
     ({"Origin": "http://attacker.example"}, 403),  # another site's page
 ])
-def test_foreign_host_or_origin_is_refused(offline_ui, headers, status):
-    r = requests.post(f"{offline_ui.url}api/predict/cxr-zeroshot", json={"image": b64(b"x")},
+def test_foreign_host_or_origin_is_refused(offline_ui, offline_api, headers, status):
+    r = offline_api.post(f"{offline_ui.url}api/predict/cxr-zeroshot", json={"image": b64(b"x")},
                       headers={**UI, **headers}, timeout=10)
     assert r.status_code == status
 
@@ -82,7 +98,7 @@ def test_foreign_host_or_origin_is_refused(offline_ui, headers, status):
     ("too_large", 413, "payload_too_large"),
     ("server_down", 502, "unavailable"),
 ])
-def test_api_guards_answer_clearly(offline_ui, case, status, error):
+def test_api_guards_answer_clearly(offline_ui, offline_api, case, status, error):
     url = f"{offline_ui.url}api/predict/cxr-zeroshot"
     kwargs = {"json": {"image": b64(b"\x89PNG fake")}, "headers": UI}
     if case == "no_ui_header":
@@ -99,13 +115,13 @@ def test_api_guards_answer_clearly(offline_ui, case, status, error):
         url = f"{offline_ui.url}api/predict/cxr-unknown"
     elif case == "too_large":
         kwargs["json"] = {"image": b64(bytes(200 * 1024))}  # the viewer's limit here: 32 KiB per image
-    r = requests.post(url, timeout=30, **kwargs)
+    r = offline_api.post(url, timeout=30, **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"] == error and r.json()["message"]
 
 
-def test_models_list_says_when_torchserve_cannot_be_asked(offline_ui):
-    info = requests.get(f"{offline_ui.url}api/models", timeout=10).json()
+def test_models_list_says_when_torchserve_cannot_be_asked(offline_ui, offline_api):
+    info = offline_api.get(f"{offline_ui.url}api/models", timeout=10).json()
     assert info["management"] == "unavailable"
     assert [m["name"] for m in info["models"]] == [v.name for v in views()]
     assert all(m["served"] is None for m in info["models"])
@@ -121,9 +137,15 @@ def live_ui(served):
     server.server_close()
 
 
+@pytest.fixture(scope="module")
+def live_api(live_ui):
+    with login(live_ui) as session:
+        yield session
+
+
 @pytest.mark.serve
-def test_models_list_matches_the_store(live_ui, served):
-    info = requests.get(f"{live_ui.url}api/models", timeout=10).json()
+def test_models_list_matches_the_store(live_ui, live_api, served):
+    info = live_api.get(f"{live_ui.url}api/models", timeout=10).json()
     assert info["management"] == "ok"
     by_name = {m["name"]: m["served"] for m in info["models"]}
     for view in views():
@@ -132,9 +154,9 @@ def test_models_list_matches_the_store(live_ui, served):
 
 
 @pytest.mark.serve
-def test_proxy_returns_what_torchserve_returns(live_ui, served, frontal_png):
+def test_proxy_returns_what_torchserve_returns(live_ui, live_api, served, frontal_png):
     assert "cxr-zeroshot" in served.models
-    r = requests.post(f"{live_ui.url}api/predict/cxr-zeroshot", headers=UI, timeout=180,
+    r = live_api.post(f"{live_ui.url}api/predict/cxr-zeroshot", headers=UI, timeout=180,
                       json={"image": b64(frontal_png), "labels": ["Pneumonia", "épanchement pleural"]})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -145,18 +167,18 @@ def test_proxy_returns_what_torchserve_returns(live_ui, served, frontal_png):
     keys = served.keys
     for secret in keys.values():
         assert secret not in r.text
-        assert secret not in requests.get(f"{live_ui.url}api/models", timeout=10).text
+        assert secret not in live_api.get(f"{live_ui.url}api/models", timeout=10).text
 
 
 @pytest.mark.serve
-def test_every_served_model_answers_with_its_pictures(live_ui, served, frontal_png):
+def test_every_served_model_answers_with_its_pictures(live_ui, live_api, served, frontal_png):
     pictures = {"cxr-triage": "heatmap_png", "cxr-lungseg": "overlay_png", "cxr-severity": "saliency_png",
                 "cxr-mortality": "overlay_png"}
     for view in views():
         payload = {"image": b64(frontal_png)}
         if view.takes_prior:
             payload["prior"] = b64(frontal_png)
-        r = requests.post(f"{live_ui.url}api/predict/{view.name}", headers=UI, json=payload, timeout=180)
+        r = live_api.post(f"{live_ui.url}api/predict/{view.name}", headers=UI, json=payload, timeout=180)
         if view.name not in served.models:
             assert r.status_code == 404 and r.json()["error"] == "not_served"
             continue
@@ -175,8 +197,8 @@ def test_every_served_model_answers_with_its_pictures(live_ui, served, frontal_p
 
 
 @pytest.mark.serve
-def test_rejected_input_keeps_the_model_status_and_message(live_ui, served):
+def test_rejected_input_keeps_the_model_status_and_message(live_ui, live_api, served):
     garbage = np.random.default_rng(0).bytes(4000)
-    r = requests.post(f"{live_ui.url}api/predict/cxr-zeroshot", headers=UI, json={"image": b64(garbage)}, timeout=60)
+    r = live_api.post(f"{live_ui.url}api/predict/cxr-zeroshot", headers=UI, json={"image": b64(garbage)}, timeout=60)
     assert r.status_code == 415
     assert r.json()["error"] == "unsupported_format" and "DICOM, PNG or JPEG" in r.json()["message"]

@@ -71,7 +71,8 @@ def open_page(browser, viewer, served):
     page = browser.new_page(viewport={"width": 1500, "height": 1100})
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(viewer.url)
+    page.goto(viewer.secret_url)  # as a user opens the printed URL: it sets the cookie, then redirects
+    assert page.url == viewer.url  # the secret left the address bar
     page.wait_for_selector(".card[data-state='idle']")
     return page, errors
 
@@ -136,6 +137,14 @@ def test_dicom_and_custom_findings(browser, viewer, served, study_files):
         "Pneumothorax", "ground-glass opacities"]
     assert "dicom" in page.inner_text("#card-cxr-zeroshot")
     assert errors == []
+    page.close()
+
+
+def test_without_the_secret_the_page_says_where_to_get_it(browser, viewer):
+    page = browser.new_page()
+    response = page.goto(viewer.url)
+    assert response.status == 401 and "printed" in page.inner_text("body")
+    assert page.locator("#analyse").count() == 0
     page.close()
 
 
