@@ -268,6 +268,17 @@ def test_jpeg_component_count_must_match_samples(image, no_decoder):
         decode(with_frame(jpeg_dicom(image), three_components))
 
 
+def test_jpeg_header_walk_skips_what_libjpeg_skips(image):
+    """Fill bytes and extraneous bytes before a marker (libjpeg tolerates both) do not hide
+    the frame header from the check, nor reject a readable file."""
+    frame = bytes(next(_frames(jpeg_dicom(image))))
+    sloppy = frame[:2] + b"\x00\x00\xff\xff" + frame[2:]
+    assert bounded.jpeg_dimensions(sloppy) == bounded.jpeg_dimensions(frame) == (80, 64, 1)
+    assert bounded.jpeg_dimensions(frame[:2] + bytes(100_000) + frame[2:]) == (80, 64, 1)
+    lying = set_sof(12000, 12000)(bytearray(frame))
+    assert bounded.jpeg_dimensions(lying[:2] + b"\x00\x00\xff\xff" + lying[2:]) == (12000, 12000, 1)
+
+
 def test_jpeg_without_a_frame_header_is_400(image, no_decoder):
     with pytest.raises(MalformedInput):
         decode(with_frame(jpeg_dicom(image), lambda f: b"\xff\xd8\xff\xda\x00\x08" + bytes(8) + b"\xff\xd9"))
@@ -423,6 +434,28 @@ def test_bombs_map_to_413_and_400_statuses(image):
         body = err.value.to_dict()
         assert err.value.status == body["status"] == status
         assert body["error"] == {413: "payload_too_large", 400: "malformed_input"}[status]
+
+
+def test_handler_answers_a_bomb_with_its_status(image):
+    """TorchServe's handler (postprocess) sets the HTTP status of each request from the error."""
+    from types import SimpleNamespace
+
+    from cxrserve.core.serving import CXRHandler
+
+    statuses = []
+    handler = CXRHandler()
+    handler.context = SimpleNamespace(metrics=None, set_response_status=lambda code, phrase, idx: statuses.append(
+        (idx, code, phrase)))
+    handler.pipeline = SimpleNamespace(timer=SimpleNamespace(reset=dict))
+    results = []
+    for data in (deflate_bomb(80 * MiB), with_frame(jpeg_dicom(image), set_sof(1000, 1000))):
+        try:
+            decode(data)
+        except CXRInputError as err:
+            results.append(err)
+    bodies = handler.postprocess(results)
+    assert statuses == [(0, 413, "Payload Too Large"), (1, 400, "Bad Request")]
+    assert [b["status"] for b in bodies] == [413, 400]
 
 
 # --------------------------------------------------------------------------- PNG

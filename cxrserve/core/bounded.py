@@ -218,6 +218,16 @@ _FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
 
 
+def _next_ff(frame, at: int) -> int:
+    """Offset of the next 0xFF byte from ``at`` (4 KiB steps: a frame may be a view)."""
+    while at < len(frame):
+        found = bytes(frame[at:at + 4096]).find(b"\xff")
+        if found >= 0:
+            return at + found
+        at += 4096
+    raise _Short
+
+
 def jpeg_dimensions(frame: bytes) -> tuple[int, int, int]:
     """(width, height, components) from a JPEG / JPEG-LS frame header, without decoding."""
     if frame[:2] != b"\xff\xd8":
@@ -226,8 +236,9 @@ def jpeg_dimensions(frame: bytes) -> tuple[int, int, int]:
     while True:
         if at >= len(frame):
             raise _Short
-        if frame[at] != 0xFF:
-            raise MalformedInput("JPEG frame header is corrupt (no marker where one must be)")
+        if frame[at] != 0xFF:  # extraneous bytes: libjpeg skips to the next 0xFF, so do we
+            at = _next_ff(frame, at)
+            continue
         marker = frame[at + 1] if at + 1 < len(frame) else None
         if marker is None:
             raise _Short
