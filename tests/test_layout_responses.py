@@ -1,84 +1,81 @@
-"""The layout change kept every answer: the pre-layout code and today's give the same responses.
+"""A change that should keep every answer keeps every byte of it.
 
-The last commit before the family layout (``PRE_LAYOUT``) is taken from git history,
-its own store builder packs archives from the *same* exported components
-(``build/components``), and its own pipeline code scores the same phantoms in a
-subprocess; today's archives must answer identically, field by field.
+Every served model (``cxr-study`` included) answers a fixed batch of phantom requests
+(:mod:`record_responses`: pictures on and off, a prior, a bad prior, a knee, undecodable
+bytes, the input gate enforced) in process. Two checks:
+
+* the answers equal, byte for byte, a recording made with trusted code for the same
+  weights (``build/expected_responses/<digest>.json``, written by
+  ``tests/record_responses.py``; the demo weights are trained locally, so without a
+  recording for them the check skips and says how to make one);
+* on any weights, each section of the study is what that model's own endpoint answers
+  to the same request (the study's design: one decode, the same numbers).
 """
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tarfile
-import io
-from pathlib import Path
 
 import pytest
 
-from cxrserve import families
+import record_responses as rec
 
-REPO = Path(__file__).resolve().parents[1]
-PRE_LAYOUT = "ff91df0"  # "Tests build their PHI-carrying DICOMs with dicomwrite.to_dicom ..."
-
-OLD_SCORE = r'''
-import json, sys, tempfile
-from pathlib import Path
-from cxrserve.store import StoreBuilder
-from cxrserve.export import unpack_archive
-from cxrserve.pipeline import load_pipeline
-store, work, images = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-names = sys.argv[4].split(",")
-builder = StoreBuilder(store, work, progress=False)
-out = {}
-for name in names:
-    mar = builder.archive(name)
-    folder = unpack_archive(mar, tempfile.mkdtemp(dir=store))  # removed with the test's tmp_path
-    pipe = load_pipeline(folder, device="cpu")
-    options = json.loads(sys.argv[5]).get(name, {})
-    out[name] = [pipe.predict_bytes(Path(p).read_bytes(), options) for p in images]
-print(json.dumps(out))
-'''
+pytestmark = pytest.mark.slow
 
 
-def _old_tree(tmp: Path) -> Path:
-    try:
-        data = subprocess.run(["git", "archive", PRE_LAYOUT], cwd=REPO, capture_output=True, check=True).stdout
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        pytest.skip(f"git history without {PRE_LAYOUT} (a shallow clone or an export)")
-    root = tmp / "pre-layout"
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        tar.extractall(root, filter="data")
-    return root
+@pytest.fixture(scope="module")
+def today(model_store, pipeline):
+    names = [n for n in rec.served_names() if (model_store / f"{n}.mar").exists()]
+    return rec.record(pipeline, names)
 
 
-@pytest.mark.slow
-def test_responses_equal_the_pre_layout_code(model_store, pipeline, tmp_path):
-    import cv2
+def first_difference(got, want, path="") -> str:
+    """Where two JSON values first differ (key order counts: it is the body's bytes)."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        if list(got) != list(want):
+            return f"{path or '/'}: keys {list(got)} != recorded {list(want)}"
+        for key in got:
+            found = first_difference(got[key], want[key], f"{path}/{key}")
+            if found:
+                return found
+        return ""
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return next((d for i, (g, w) in enumerate(zip(got, want)) if (d := first_difference(g, w, f"{path}/{i}"))), "")
+    return "" if json.dumps(got) == json.dumps(want) else f"{path}: {json.dumps(got)[:200]} != recorded {json.dumps(want)[:200]}"
 
-    from cxrserve.synthetic.phantoms import render, sample_spec
 
-    old = _old_tree(tmp_path)
-    images = []
-    for seed, label in ((5, "pneumonia"), (6, "normal"), (7, "covid19")):
-        path = tmp_path / f"phantom{seed}.png"
-        cv2.imwrite(str(path), render(sample_spec(seed, label=label)).image)
-        images.append(str(path))
-    names = sorted(n for n, (_, s) in families.served().items() if not s.compose)  # the pre-layout six
-    options = {name: {s.picture_option: True} for name, (_, s) in families.served().items() if s.picture_option}
-    # the old builder packs from today's exported components: symlink them into a private work folder
-    work = tmp_path / "work"
-    for sub in ("checkpoints", "components"):
-        (work / sub).mkdir(parents=True)
-        for entry in (REPO / "build" / sub).iterdir():
-            (work / sub / entry.name).symlink_to(entry)
-    (work / "phantoms").symlink_to(REPO / "build" / "phantoms")
-    run = subprocess.run([sys.executable, "-c", OLD_SCORE, str(tmp_path / "old-store"), str(work),
-                          json.dumps(images), ",".join(names), json.dumps(options)],
-                         cwd=old, env={"PYTHONPATH": str(old), "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    before = json.loads(run.stdout.strip().splitlines()[-1])
-    for name in names:
-        now = [pipeline(name).predict_bytes(Path(p).read_bytes(), options.get(name, {})) for p in images]
-        assert now == before[name], f"{name}: responses differ from the pre-layout code"
+def test_responses_equal_the_recording_for_these_weights(today):
+    path = rec.recording_path(today["store_digest"])
+    if not path.exists():
+        pytest.skip(f"no responses recorded for these weights ({path.relative_to(rec.REPO)}): record them "
+                    f"with code you trust: .venv/bin/python tests/record_responses.py")
+    recorded = json.loads(path.read_text())
+    assert today["digests"] == recorded["digests"]
+    assert list(today["responses"]) == list(recorded["responses"]), "served models changed: re-record"
+    made_with = f"recorded with {recorded['recorded_with']}; re-record (--force) only for an intended change"
+    for model, answers in recorded["responses"].items():
+        assert list(today["responses"][model]) == list(answers)
+        for request, want in answers.items():
+            diff = first_difference(today["responses"][model][request], want)
+            assert not diff, f"{model}, request {request!r}: {diff} ({made_with})"
+    assert today["dicom"] == recorded["dicom"], f"DICOM result objects differ ({made_with})"
+
+
+def test_study_sections_are_each_models_own_answer(today):
+    from cxrserve import families
+
+    responses, strict = today["responses"], rec.STRICT
+    composed = [n for n in families.composed("cxr-study") if n in responses]
+    for study, singles in (("cxr-study", composed), ("cxr-study" + strict, [n for n in composed if n in rec.GATED])):
+        for request, answer in responses[study].items():
+            for name in singles:
+                single = responses[name + (strict if study.endswith(strict) else "")][request]
+                if "results" not in answer:  # refused whole: exactly what every endpoint refuses
+                    assert single == answer, (study, request, name)
+                else:
+                    assert answer["results"][name.removeprefix("cxr-")] == single, (study, request, name)
+    assert responses["cxr-study"]["pneumonia"]["results"]["triage"]["heatmap_png"].startswith("sha256:")
+    assert "change" in responses["cxr-study"]["covid19+prior"]["results"]["pxs"]
+    assert responses["cxr-study"]["normal+garbage-prior"]["results"]["pxs"]["status"] == 415
+    assert responses["cxr-study" + strict]["normal+knee-prior"]["results"]["pxs"]["status"] == 422
+    assert responses["cxr-study" + strict]["knee"]["status"] == 422
+    assert {o["kind"] for o in today["dicom"]["cxr-study"]} >= {"sr", "seg"}
