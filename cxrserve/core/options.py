@@ -23,12 +23,6 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true/false, got {text[:40]!r}")
 
 
-def parse_float(value: Any) -> float:
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", "replace")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class Option:
     parse: Callable[[Any], Any]

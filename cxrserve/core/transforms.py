@@ -312,12 +312,6 @@ def build_transform(name: str) -> Compose:
         raise KeyError(f"unknown preprocessing {name!r}; known: {sorted(PREPROCESSING)}") from None
 
 
-def preprocessing_info(name: str) -> dict:
-    p = PREPROCESSING[name]
-    return {"name": p.name, "version": p.version, "input_size": p.input_size,
-            "channels": p.channels, "value_range": list(p.value_range), "description": p.description}
-
-
 # --------------------------------------------------------------------------- augmentation
 class RandomAffine:
     """Rotation, zoom and shift of a uint8 image (and its mask), with its own RNG."""

@@ -37,10 +37,6 @@ class SiameseDenseNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
 
-    def pair_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance between the embeddings of two batches (the Siamese output)."""
-        return euclidean(self(a), self(b))
-
 
 def euclidean(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Row-wise Euclidean distance, with a gradient that stays finite at zero distance."""
