@@ -6,7 +6,10 @@ once, then scores a list of decoded studies at a time. Its contract:
 
 * ``predict(items)`` returns one entry per item, a response ``dict`` or a
   :class:`~cxrserve.core.errors.CXRInputError`; an item's failure never touches its
-  neighbours;
+  neighbours. It runs four public stages, each with typed input and output, which a
+  composed model (``cxr-study``) calls itself: :meth:`Pipeline.decode_request`
+  (-> :class:`Decoded`), :meth:`Pipeline.screen_items`, :meth:`Pipeline.run_gate` and
+  :meth:`Pipeline.score` (the model's own ``_predict``);
 * every response starts from :meth:`Pipeline.base_response` (model, version,
   warnings, input facts), so the fields common to all models are written once;
 * request options are declared per pipeline in ``OPTIONS`` and parsed here, so a bad
@@ -15,7 +18,10 @@ once, then scores a list of decoded studies at a time. Its contract:
   (:mod:`cxrserve.core.input_checks`), DICOM header facts
   (:func:`~cxrserve.core.imageio.check_frontal_chest_header`), then the learned input gate
   when the archive ships a ``gate`` component (:meth:`Pipeline.run_gate`): its verdict
-  is in every response, and below its threshold the request is a 422.
+  is in every response, and below its threshold the request is a 422. A main image that
+  fails is its request's answer; an extra image (``prior``) that fails is set aside
+  (:attr:`Item.refused`) and fails whatever reads it (:meth:`Pipeline.refusal`): a whole
+  single-model request, one section of a study.
 
 Handlers are thin adapters from TorchServe requests to :class:`Item` lists
 (:mod:`cxrserve.core.serving`); ``cxrserve predict`` and ``cxrserve batch --in-process``
@@ -24,11 +30,12 @@ call the same pipelines without a server.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 
@@ -54,6 +61,8 @@ DECODE_FLOOR = 1024
 FULL_RESOLUTION = "full_resolution"
 FULL_RESOLUTION_HELP = ("decode every pixel of the file (slower); by default only the resolution the "
                         "models read is decoded and pictures are drawn on that copy, then scaled")
+#: The request field of the main image.
+MAIN_IMAGE = "image"
 
 
 def gate_verdict(labels, probs, threshold: float) -> str:
@@ -67,6 +76,14 @@ def gate_verdict(labels, probs, threshold: float) -> str:
     return max(others, key=others.get)
 
 
+def request_image(images: dict[str, bytes]) -> bytes:
+    """The main file of a request, or the 400 every endpoint gives without one."""
+    main = images.get(MAIN_IMAGE)
+    if main is None:
+        raise MalformedInput("no image in the request: post the file as the body or as form field 'image'")
+    return main
+
+
 @dataclass
 class Item:
     """One study to score: the decoded image, named extra images, parsed options."""
@@ -74,10 +91,28 @@ class Item:
     xray: XRay
     options: dict = field(default_factory=dict)
     images: dict[str, XRay] = field(default_factory=dict)  # e.g. {"prior": XRay}
-    gate: dict | None = None  # input gate verdict for the main image, set by Pipeline.predict
+    gate: dict | None = None  # input gate verdict for the main image, set by Pipeline.run_gate
+    #: extra images that failed decoding, screening or the gate, by name, each with its 4xx:
+    #: out of ``images``, they fail only what reads them (:meth:`Pipeline.refusal`)
+    refused: dict[str, CXRInputError] = field(default_factory=dict)
     #: findings computed once and reused by every pipeline scoring this study in one
     #: process (``cxr-study``), e.g. ``{"lungs": (component, LungFinding)}``
     shared: dict = field(default_factory=dict)
+
+    def refuse(self, name: str, err: CXRInputError) -> None:
+        """Set extra image ``name`` aside with its error (the first error of an image stays)."""
+        self.images.pop(name, None)
+        self.refused.setdefault(name, err)
+
+
+@dataclass
+class Decoded:
+    """Stage 1's output: a request's images, decoded once at one resolution."""
+
+    xray: XRay
+    images: dict[str, XRay]
+    refused: dict[str, CXRInputError]  # extra images that could not be decoded
+    seconds: float
 
 
 @dataclass
@@ -88,10 +123,14 @@ class Limits:
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage for the batch in flight (exported as metrics)."""
+    """Wall-clock seconds per named stage for the batch in flight (exported as metrics).
+
+    Thread-safe: ``cxr-study`` decodes a batch's files in threads.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     @contextmanager
     def stage(self, name: str):
@@ -99,10 +138,15 @@ class StageTimer:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def reset(self) -> dict[str, float]:
-        out, self.seconds = self.seconds, {}
+        with self._lock:
+            out, self.seconds = self.seconds, {}
         return out
 
 
@@ -279,26 +323,46 @@ class Pipeline:
                 options[key] = option.default
         return options
 
-    def make_item(self, images: dict[str, bytes], raw_options: dict) -> Item:
-        """Decode a request's files and options; raises CXRInputError (4xx)."""
-        main = images.get("image")
-        if main is None:
-            raise MalformedInput("no image in the request: post the file as the body or as form field 'image'")
+    def decode_request(self, images: dict[str, bytes], raw_options: dict, names: Iterable[str]) -> Decoded:
+        """Stage 1: decode the main image and the extra images ``names`` a request carries.
+
+        Every image is decoded at the size the models read (:attr:`decode_target`) unless the
+        request asks for ``full_resolution``. Raises the 4xx of a missing or undecodable main
+        image or a bad ``full_resolution``; an extra image that cannot be decoded is returned
+        in :attr:`Decoded.refused`.
+        """
+        main = request_image(images)
         try:
             # also as the header X-CXR-Full-Resolution (header names use dashes)
             full = parse_bool(raw_options.get(FULL_RESOLUTION, raw_options.get("full-resolution", False)))
         except (TypeError, ValueError) as err:
             raise MalformedInput(f"invalid value for option {FULL_RESOLUTION!r}: {err}") from err
         target = None if full else self.decode_target
-        with self.timer.stage("decode"):
+        start = time.perf_counter()
+        try:
             xray = decode(main, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels, target=target)
-            extra = {
-                name: decode(images[name], max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels,
-                             target=target)
-                for name in self.extra_images
-                if images.get(name) is not None
-            }
-        return Item(xray=xray, options=self.parse_options(raw_options), images=extra)
+            extra, refused = {}, {}
+            for name in names:
+                if images.get(name) is not None:
+                    try:
+                        extra[name] = decode(images[name], max_bytes=self.limits.max_bytes,
+                                             max_pixels=self.limits.max_pixels, target=target)
+                    except CXRInputError as err:
+                        refused[name] = err
+        finally:
+            seconds = time.perf_counter() - start
+            self.timer.add("decode", seconds)
+        return Decoded(xray, extra, refused, seconds)
+
+    def make_item(self, images: dict[str, bytes], raw_options: dict) -> Item:
+        """Decode a request's files and options; raises CXRInputError (4xx)."""
+        decoded = self.decode_request(images, raw_options, self.extra_images)
+        item = Item(xray=decoded.xray, images=decoded.images, refused=decoded.refused)
+        refused = self.refusal(item)
+        if refused is not None:  # a file that cannot be read is said before a bad option
+            raise refused
+        item.options = self.parse_options(raw_options)
+        return item
 
     def make_items(self, requests) -> list[Item | CXRInputError]:
         """A batch of ``(images, options)`` requests (errors pass through) -> items, one by one.
@@ -318,87 +382,121 @@ class Pipeline:
             return err
 
     # ----------------------------------------------------------------- scoring
+    def screen_items(self, items: list[Item | CXRInputError]) -> list[Item | CXRInputError]:
+        """Stage 2: reject what is certainly not a frontal CXR before any model runs (422).
+
+        Each image gets the model-free and header checks (:meth:`screen_image`). A main image
+        that fails makes its item that error; a failing extra image is refused
+        (:meth:`Item.refuse`). Errors pass through.
+        """
+        out: list[Item | CXRInputError] = []
+        for item in items:
+            if isinstance(item, Item):
+                try:
+                    self.screen_image(item.xray)
+                except CXRInputError as err:
+                    item = err
+                else:
+                    for name, image in list(item.images.items()):
+                        try:
+                            self.screen_image(image)
+                        except CXRInputError as err:
+                            item.refuse(name, err)
+            out.append(item)
+        return out
+
     def screen(self, item: Item) -> None:
-        """Reject what is certainly not a frontal CXR before any model runs (422).
+        """Stage 2 for one item that must pass whole: raises its first failing image's 422."""
+        (result,) = self.screen_items([item])
+        if isinstance(result, CXRInputError):
+            raise result
+        if item.refused:
+            raise next(iter(item.refused.values()))
+
+    @staticmethod
+    def screen_image(image: XRay) -> None:
+        """One image's model-free and header checks (422), the one copy every pipeline runs.
 
         Model-free rules first (:func:`cxrserve.core.input_checks.check_input`: DICOM type,
         size, blank, colour), then the DICOM header's body part and view.
         """
-        for image in (item.xray, *item.images.values()):
-            self.screen_image(image)
-
-    @staticmethod
-    def screen_image(image: XRay) -> None:
-        """One image's model-free and header checks (422), the one copy every pipeline runs."""
         check_input(image)
         check_frontal_chest_header(image)
 
+    def refusal(self, item: Item) -> CXRInputError | None:
+        """What this pipeline answers an item whose extra image it reads was refused (else None)."""
+        return next((item.refused[name] for name in self.extra_images if name in item.refused), None)
+
+    def admit(self, items: list[Item | CXRInputError]) -> list[Item | CXRInputError]:
+        """Items with a refused image this pipeline reads become that image's error."""
+        out: list[Item | CXRInputError] = []
+        for item in items:
+            refused = self.refusal(item) if isinstance(item, Item) else None
+            out.append(item if refused is None else refused)
+        return out
+
     def predict(self, items: list[Item | CXRInputError]) -> list[dict | CXRInputError]:
         """Score a batch; entries that are already errors pass through untouched."""
-        results: list[dict | CXRInputError | None] = [None] * len(items)
-        todo: list[int] = []
-        for i, item in enumerate(items):
-            if isinstance(item, CXRInputError):
-                results[i] = item
-                continue
-            try:
-                self.screen(item)
-                todo.append(i)
-            except CXRInputError as err:
-                results[i] = err
-        if todo and self.gate is not None:
-            verdicts = self.run_gate([items[i] for i in todo])
-            kept = []
-            for i, err in zip(todo, verdicts):
-                if err is None:
-                    kept.append(i)
-                else:
-                    results[i] = err
-            todo = kept
+        items = self.admit(self.screen_items(items))
+        items = self.admit(self.run_gate(items))
+        todo = [i for i, item in enumerate(items) if isinstance(item, Item)]
+        results: list[dict | CXRInputError] = list(items)  # type: ignore[arg-type]
         if todo:
-            outputs = self._predict([items[i] for i in todo])
-            if len(outputs) != len(todo):
-                raise RuntimeError(f"{type(self).__name__}._predict returned {len(outputs)} results for {len(todo)} items")
-            for i, out in zip(todo, outputs):
+            for i, out in zip(todo, self.score([items[i] for i in todo])):  # type: ignore[misc]
                 results[i] = out
-        return results  # type: ignore[return-value]
+        return results
 
-    def run_gate(self, items: list[Item]) -> list[CXRInputError | None]:
-        """Score every image of ``items`` with the input gate in one pass.
+    def run_gate(self, items: list[Item | CXRInputError]) -> list[Item | CXRInputError]:
+        """Stage 3: score every image of ``items`` with the input gate in one pass.
 
-        Sets ``item.gate`` (verdict, score, threshold, enforced) for the main image and
-        returns, per item, ``None`` (accepted, or gate not enforced) or a 422
-        :class:`NotFrontalCXR` naming the image that failed (``image`` or an extra image
-        such as ``prior``).
+        Sets ``item.gate`` (verdict, score, threshold, enforced) for the main image. When
+        the gate is enforced, an image below its threshold gets a 422
+        :class:`NotFrontalCXR` naming it (``detail.field``): the main image's becomes its
+        item's answer, an extra image (``prior``) is refused. Errors pass through; without a
+        gate the items are returned as they are.
         """
+        out = list(items)
+        todo = [(n, item) for n, item in enumerate(items) if isinstance(item, Item)]
+        if not todo or self.gate is None:
+            return out
         gate, threshold, enforced = self.gate, self.gate_threshold, self.gate_enforced
         labels = list(gate.card.labels)
         transform = gate.transform()
-        keys = [(n, name, xray) for n, it in enumerate(items)
-                for name, xray in (("image", it.xray), *it.images.items())]
+        keys = [(n, item, name, xray) for n, item in todo
+                for name, xray in ((MAIN_IMAGE, item.xray), *item.images.items())]
         with self.timer.stage("preprocess_gate"):
-            inputs = [transform(xray.uint8) for _, _, xray in keys]
+            inputs = [transform(xray.uint8) for *_, xray in keys]
         with self.timer.stage("model_gate"):
             outputs = gate.runtime.run_chunked(inputs, self.limits.max_batch)
-        errors: list[CXRInputError | None] = [None] * len(items)
-        for (n, name, _), out in zip(keys, outputs):
-            probs = [float(p) for p in out[0]]
+        for (n, item, name, _), output in zip(keys, outputs):
+            probs = [float(p) for p in output[0]]
             score = probs[labels.index(FRONTAL)]
             verdict = gate_verdict(labels, probs, threshold)
             report = {"verdict": verdict, "score": round(score, 4), "threshold": threshold, "enforced": enforced}
-            if name == "image":
-                items[n].gate = report
-            if enforced and verdict != "frontal_cxr" and errors[n] is None:
-                what = "the image" if name == "image" else f"the {name} image"
+            if name == MAIN_IMAGE:
+                item.gate = report
+            if enforced and verdict != FRONTAL:
+                what = "the image" if name == MAIN_IMAGE else f"the {name} image"
                 reason = ("looks photometrically inverted (bone dark, lungs bright): check the "
                           "PhotometricInterpretation (MONOCHROME1/2) of the source"
                           if verdict == "inverted_cxr" else "does not look like a frontal chest radiograph")
-                errors[n] = NotFrontalCXR(
-                    f"input gate: {what} {reason} (score {score:.3f} < threshold {threshold:g})",
-                    detail={"input_gate": report, "field": name})
-        return errors
+                err = NotFrontalCXR(f"input gate: {what} {reason} (score {score:.3f} < threshold {threshold:g})",
+                                    detail={"input_gate": report, "field": name})
+                if name == MAIN_IMAGE:
+                    out[n] = err
+                else:
+                    item.refuse(name, err)
+        return out
+
+    def score(self, items: list[Item]) -> list[dict | CXRInputError]:
+        """Stage 4: this model's answers for screened, gated items, one per item (``_predict``)."""
+        outputs = self._predict(items)
+        if len(outputs) != len(items):
+            raise RuntimeError(f"{type(self).__name__}._predict returned {len(outputs)} results for {len(items)} items")
+        return outputs
 
     def _predict(self, items: list[Item]) -> list[dict | CXRInputError]:
+        """The model itself: a subclass's one method to write (``base_response`` + its fields)."""
         raise NotImplementedError
 
     def run(self, part: str, inputs: list[torch.Tensor]):

@@ -9,14 +9,18 @@ that family's own handler settings (copied from its ``model-config`` into the st
 at build time, see :meth:`StudyPipeline.archive_config`), and the families share one
 dict of loaded components, so the lung U-Net and the input gate are loaded once.
 
-Per batch of studies the worker
+Per batch of studies the worker runs the stages of :class:`~cxrserve.core.pipeline.Pipeline`
+once for all families:
 
-1. decodes each file once (the files of a batch in parallel threads, :meth:`make_items`);
-2. runs the DICOM header checks and the input gate once (a main image that fails either
-   is the usual 4xx for the whole request; a failing ``prior`` only fails the families
-   that read it, i.e. ``pxs``);
-3. calls each selected family's ``_predict`` once on the screened studies; lungseg and
-   triage read the lung findings from ``Item.shared`` (one U-Net pass per study);
+1. decodes each file once (:meth:`Pipeline.decode_request`; the files of a batch in
+   parallel threads, :meth:`make_items`);
+2. screens and gates each image once (:meth:`Pipeline.screen_items`,
+   :meth:`Pipeline.run_gate`): a main image that fails is the usual 4xx for the whole
+   request; a failing ``prior`` is refused and fails only the families that read it
+   (:meth:`Pipeline.refusal`, i.e. ``pxs``);
+3. calls each selected family's :meth:`Pipeline.score` once on the screened studies;
+   lungseg and triage share the lung findings through ``Item.shared`` (one U-Net pass
+   per study);
 4. answers ``results.<family>`` = exactly that family's own endpoint body (its
    ``base_response`` fills the common fields), or that family's error body with the
    status its endpoint would have given; the request is still 200.
@@ -29,19 +33,17 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from cxrserve.core.errors import CXRInputError, MalformedInput
-from cxrserve.core.imageio import decode
 from cxrserve.core.options import Option, parse_bool
-from cxrserve.core.pipeline import FULL_RESOLUTION, GATE_COMPONENT, Item, Pipeline
+from cxrserve.core.pipeline import GATE_COMPONENT, Item, Pipeline, request_image
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,15 @@ def section_error(code: str, status: int, message: str) -> dict:
     return {"error": code, "status": status, "message": message}
 
 
+@dataclass
+class StudyItem(Item):
+    """One study request: ``options`` are the study's own (``models``, ``pictures``)."""
+
+    #: each selected family's parsed options, or its 400 (which fails only its section)
+    family_options: dict[str, dict | CXRInputError] = field(default_factory=dict)
+    decode_ms: float = 0.0
+
+
 class StudyPipeline(Pipeline):
     """Every family on one decode; see the module docstring."""
 
@@ -139,7 +150,6 @@ class StudyPipeline(Pipeline):
             for name, part in fam.parts.items():
                 self.parts.setdefault(name, part)
         self.decode_threads = int(self.config.get("decode_threads", 0) or min(8, os.cpu_count() or 1))
-        self._timer_lock = threading.Lock()
 
     @classmethod
     def archive_config(cls, model_config: dict, family_configs: dict[str, dict]) -> dict:
@@ -190,10 +200,8 @@ class StudyPipeline(Pipeline):
                 mine[name] = pictures  # pictures only when asked, whatever the family's default
         return fam.parse_options(mine)
 
-    def make_item(self, images: dict[str, bytes], raw_options: dict) -> Item:
-        main = images.get("image")
-        if main is None:
-            raise MalformedInput("no image in the request: post the file as the body or as form field 'image'")
+    def make_item(self, images: dict[str, bytes], raw_options: dict) -> StudyItem:
+        request_image(images)  # no image is said first, before any option, as by every endpoint
         options = self.parse_options(raw_options)
         models = options["models"] or tuple(self.keys)
         unknown = [m for m in models if m not in self.keys]
@@ -201,25 +209,9 @@ class StudyPipeline(Pipeline):
             raise MalformedInput(f"invalid value for option 'models': unknown {unknown}; known: {self.keys}",
                                  detail={"field": "models"})
         options["models"] = models
-        try:  # as every endpoint: one decode at the resolution the models read, unless asked for all
-            full = parse_bool(raw_options.get(FULL_RESOLUTION, raw_options.get("full-resolution", False)))
-        except (TypeError, ValueError) as err:
-            raise MalformedInput(f"invalid value for option {FULL_RESOLUTION!r}: {err}") from err
-        target = None if full else self.decode_target
-        start = time.perf_counter()
-        xray = decode(main, max_bytes=self.limits.max_bytes, max_pixels=self.limits.max_pixels, target=target)
-        extra, image_errors = {}, {}
+        # one decode for all families; an extra image only when a selected family reads it
         wanted = {n for m in models if m in self.families for n in self.families[m].extra_images}
-        for name in self.extra_images:
-            if images.get(name) is not None and name in wanted:
-                try:
-                    extra[name] = decode(images[name], max_bytes=self.limits.max_bytes,
-                                         max_pixels=self.limits.max_pixels, target=target)
-                except CXRInputError as err:  # fails the families that read it, not the study
-                    image_errors[name] = err
-        seconds = time.perf_counter() - start
-        with self._timer_lock:
-            self.timer.seconds["decode"] = self.timer.seconds.get("decode", 0.0) + seconds
+        decoded = self.decode_request(images, raw_options, [n for n in self.extra_images if n in wanted])
         family_options: dict[str, dict | CXRInputError] = {}
         for key in models:
             if key in self.families:
@@ -227,9 +219,8 @@ class StudyPipeline(Pipeline):
                     family_options[key] = self.family_options(key, raw_options, options["pictures"])
                 except CXRInputError as err:
                     family_options[key] = err
-        return Item(xray=xray, options=options, images=extra,
-                    shared={"family_options": family_options, "image_errors": image_errors,
-                            "decode_ms": round(seconds * 1000, 2)})
+        return StudyItem(xray=decoded.xray, options=options, images=decoded.images, refused=decoded.refused,
+                         family_options=family_options, decode_ms=round(decoded.seconds * 1000, 2))
 
     def make_items(self, requests: Iterable[tuple[dict, dict] | CXRInputError]) -> list[Item | CXRInputError]:
         """Decode a batch of requests ``(images, options)`` in parallel threads (errors pass through)."""
@@ -240,42 +231,14 @@ class StudyPipeline(Pipeline):
             return list(pool.map(self.make_one, requests))
 
     # ----------------------------------------------------------------- scoring
-    def predict(self, items: list[Item | CXRInputError]) -> list[dict | CXRInputError]:
-        results: list[dict | CXRInputError | None] = [None] * len(items)
-        todo: list[int] = []
-        for i, item in enumerate(items):
-            if isinstance(item, CXRInputError):
-                results[i] = item
-                continue
-            try:
-                self.screen_image(item.xray)  # the model-free and header checks every endpoint runs
-            except CXRInputError as err:
-                results[i] = err
-                continue
-            for name, image in list(item.images.items()):
-                try:
-                    self.screen_image(image)
-                except CXRInputError as err:
-                    item.shared["image_errors"][name] = err
-                    del item.images[name]
-            todo.append(i)
-        gate_ms = 0.0
-        if todo and self.gate is not None:
-            start = time.perf_counter()
-            verdicts = self.run_gate([items[i] for i in todo])
-            gate_ms = (time.perf_counter() - start) * 1000
-            kept = []
-            for i, err in zip(todo, verdicts):
-                field = (err.detail or {}).get("field", "image") if err is not None else None
-                if err is None:
-                    kept.append(i)
-                elif field == "image":
-                    results[i] = err
-                else:
-                    items[i].shared["image_errors"][field] = err
-                    items[i].images.pop(field, None)
-                    kept.append(i)
-            todo = kept
+    def predict(self, items: list[StudyItem | CXRInputError]) -> list[dict | CXRInputError]:
+        # Screened and gated once for every family; a refused prior stays on the item (no admit):
+        # it fails only the sections of the families that read it.
+        items = self.screen_items(items)
+        start = time.perf_counter()
+        items = self.run_gate(items)
+        gate_ms = (time.perf_counter() - start) * 1000 if self.gate is not None else 0.0
+        todo = [i for i, item in enumerate(items) if isinstance(item, Item)]
         sections: dict[int, dict] = {i: {} for i in todo}
         family_ms: dict[str, float] = {}
         for key in self.keys:
@@ -287,49 +250,45 @@ class StudyPipeline(Pipeline):
                     sections[i][key] = section_error("model_unavailable", 503, self.unavailable[key])
                 continue
             family_ms[key] = self._run_family(key, [(i, items[i]) for i in wanted], sections)
+        results: list[dict | CXRInputError] = list(items)  # type: ignore[arg-type]
         for i in todo:
             item = items[i]
             out = self.base_response(item)
             out["results"] = {key: sections[i][key] for key in self.keys if key in sections[i]}
-            timings = {"decode": item.shared.get("decode_ms", 0.0), "gate": round(gate_ms, 2)}
+            timings = {"decode": item.decode_ms, "gate": round(gate_ms, 2)}
             timings.update({key: round(ms, 2) for key, ms in family_ms.items() if key in out["results"]})
             out["timings_ms"] = timings
             results[i] = out
-        return results  # type: ignore[return-value]
+        return results
 
-    def _run_family(self, key: str, batch: list[tuple[int, Item]], sections: dict[int, dict]) -> float:
-        """Run one family's ``_predict`` once on its share of the batch; returns its wall ms."""
+    def _run_family(self, key: str, batch: list[tuple[int, StudyItem]], sections: dict[int, dict]) -> float:
+        """Score one family once on its share of the batch, each section as its endpoint answers; its wall ms."""
         fam = self.families[key]
         runnable: list[tuple[int, Item]] = []
         for i, item in batch:
-            options = item.shared["family_options"][key]
-            failed = next((item.shared["image_errors"][n] for n in fam.extra_images
-                           if n in item.shared["image_errors"]), None)
+            options = item.family_options[key]
+            refused = fam.refusal(item)  # e.g. pxs when the prior failed: that endpoint's 4xx
             if isinstance(options, CXRInputError):
                 sections[i][key] = options.to_dict()
-            elif failed is not None:
-                sections[i][key] = failed.to_dict()
+            elif refused is not None:
+                sections[i][key] = refused.to_dict()
             else:
+                # the family's own options and images; ``shared`` stays one dict (one lung pass)
                 images = {n: x for n, x in item.images.items() if n in fam.extra_images}
                 runnable.append((i, replace(item, options=options, images=images)))
         if not runnable:
             return 0.0
         start = time.perf_counter()
         try:
-            outputs = fam._predict([it for _, it in runnable])
-            if len(outputs) != len(runnable):
-                raise RuntimeError(f"{type(fam).__name__}._predict returned {len(outputs)} results "
-                                   f"for {len(runnable)} items")
+            outputs = fam.score([it for _, it in runnable])
         except Exception as err:  # a family's failure stays in its section (its endpoint: a 500)
             log.exception("study: family %s failed on a batch of %d", key, len(runnable))
             outputs = [section_error("internal_error", 500, f"{fam.name} failed: {type(err).__name__}")] * len(runnable)
         seconds = time.perf_counter() - start
         for (i, _), out in zip(runnable, outputs):
             sections[i][key] = out.to_dict() if isinstance(out, CXRInputError) else out
-        with self._timer_lock:
-            for stage, value in fam.timer.reset().items():
-                name = f"{key}_{stage}"
-                self.timer.seconds[name] = self.timer.seconds.get(name, 0.0) + value
+        for stage, value in fam.timer.reset().items():
+            self.timer.add(f"{key}_{stage}", value)
         return seconds * 1000
 
 
