@@ -19,7 +19,8 @@ import pytest
 
 from cxrserve.tools import dicom_results as dr
 from cxrserve.tools.node.config import load_config
-from cxrserve.tools.node.service import Node, sop_hash
+from cxrserve.tools.node.receive import sop_hash
+from cxrserve.tools.node.service import Node
 from dicomtools import DICOMWEB_PLUGIN, Orthanc, dciodvfy, echoscu, free_port, have, storescu, wait_for
 from study_adapter import StudyModelScorer
 from test_dicom_results import RSNA, phantom_dicom, sr_values

@@ -196,7 +196,7 @@ def test_batch_dicom_out_writes_objects_for_each_processed_dicom(study_scorer, t
     summary = run_batch(expand_inputs([tmp_path / "in"]), tmp_path / "rows.jsonl", scorer=scorer, progress=False)
     assert summary.ok == 1 and summary.errors == 1
     (folder,) = list((tmp_path / "dicom").iterdir())  # the lateral gets no objects
-    from cxrserve.tools.node.service import sop_hash
+    from cxrserve.tools.node.receive import sop_hash
 
     assert folder.name == sop_hash("1.2.826.0.1.3680043.8.498.9001")
     assert {p.stem for p in folder.glob("*.dcm")} == {"sr", "seg", "sc-triage", "sc-severity", "sc-mortality"}

@@ -51,6 +51,11 @@ import zlib
 
 from cxrserve.core.errors import MalformedInput, PayloadTooLarge, UnsupportedFormat
 
+#: Defaults for input limits (every decoder is held to them); handlers read overrides
+#: from model-config.yaml.
+MAX_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 60_000_000  # a 7,700 x 7,700 detector; real CXRs are 4-10 Mpx
+
 DEFLATED = "1.2.840.10008.1.2.1.99"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 

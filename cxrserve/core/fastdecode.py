@@ -208,14 +208,13 @@ def mono_reduced(ds, rows: int, cols: int, bits_stored: int, signed: bool, photo
                  target: int, warn: list[str], *, max_pixels: int | None = None) -> np.ndarray:
     """A grey DICOM's display uint8 image with shorter side >= ``target`` (see module doc).
 
-    ``max_pixels`` (default :data:`cxrserve.core.imageio.MAX_PIXELS`): no codec runs before
+    ``max_pixels`` (default :data:`cxrserve.core.bounded.MAX_PIXELS`): no codec runs before
     :func:`cxrserve.core.bounded.check_dataset` has checked the frame's own header and
     the decode's memory against it.
     """
     from cxrserve.core import bounded
-    from cxrserve.core.imageio import MAX_PIXELS
 
-    bounded.check_dataset(ds, MAX_PIXELS if max_pixels is None else max_pixels)
+    bounded.check_dataset(ds, bounded.MAX_PIXELS if max_pixels is None else max_pixels)
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     small = None
     try:

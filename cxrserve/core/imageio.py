@@ -35,12 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from cxrserve.core import bounded
+from cxrserve.core.bounded import MAX_BYTES, MAX_PIXELS  # noqa: F401  (the input limits, re-exported here)
 from cxrserve.core.errors import MalformedInput, NotFrontalCXR, PayloadTooLarge, UnsupportedFormat
 from cxrserve.core.dicom_display import _mono_pipeline, _text
-
-#: Defaults for input limits; handlers read overrides from model-config.yaml.
-MAX_BYTES = 64 * 1024 * 1024
-MAX_PIXELS = 60_000_000  # a 7,700 x 7,700 detector; real CXRs are 4-10 Mpx
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"

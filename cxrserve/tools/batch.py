@@ -167,9 +167,13 @@ def _peek(path: Path) -> tuple[str, str]:
     if head[128:132] == b"DICM" or head.startswith(b"DICM") or (
             len(head) > 8 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00"):
         try:
-            import pydicom
+            from cxrserve.core import bounded
+            from cxrserve.core.imageio import MAX_BYTES
 
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
+            if path.stat().st_size > MAX_BYTES:  # its decode answers 413; keyed by its path hash
+                return "dicom", ""
+            # bounded: a deflated header would otherwise be inflated whole, however large
+            ds = bounded.dcmread(path.read_bytes(), max_bytes=MAX_BYTES, stop_before_pixels=True,
                                  specific_tags=["SOPInstanceUID"])
             return "dicom", str(ds.get("SOPInstanceUID", "") or "")
         except Exception:  # a broken header still gets a row, keyed by its path hash

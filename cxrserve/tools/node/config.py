@@ -13,12 +13,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class Retry:
-    attempts: int = 8          # per instance and destination, then the instance is 'failed'
-    initial_s: float = 1.0     # first back-off
-    max_s: float = 60.0        # back-off ceiling (doubles each try)
+    """Back-off for transient failures (scorer down, PACS down, disk full).
+
+    An instance is given up (``failed``, kept for ``cxrserve node requeue``) when it has been
+    retried for ``give_up_after_s`` since it was received, or after ``attempts`` tries when
+    that is set. The default rides out a whole night of scorer or PACS downtime: TorchServe
+    alone takes minutes to start, and a budget of minutes failed every acked study for good.
+    """
+    attempts: int | None = None  # optional cap per instance and destination
+    initial_s: float = 1.0       # first back-off
+    max_s: float = 300.0         # back-off ceiling (doubles each try)
+    give_up_after_s: float = 12 * 3600.0
 
     def delay(self, attempt: int) -> float:
-        return min(self.max_s, self.initial_s * 2 ** max(0, attempt - 1))
+        return min(self.max_s, self.initial_s * 2 ** max(0, min(attempt - 1, 60)))
+
+    def exhausted(self, attempts: int, since: float, now: float) -> bool:
+        return (self.attempts is not None and attempts >= self.attempts) or now - since >= self.give_up_after_s
 
 
 @dataclass
@@ -65,6 +76,18 @@ class ScorerConfig:
 
 
 @dataclass
+class Associations:
+    """Who may hold the node's association slots, and for how long."""
+    require_called_aet: bool = True  # refuse an A-ASSOCIATE-RQ not addressed to ae_title
+    maximum: int = 8                 # concurrent associations (pynetdicom's maximum_associations)
+    per_peer: int = 4                # open connections from one IP address: idle sockets of one
+    #                                  host cannot fill every slot and lock out a modality
+    acse_timeout_s: float = 10.0     # a connection must send its A-ASSOCIATE-RQ within this
+    network_timeout_s: float = 60.0  # an association idle this long is aborted
+    audit_every_s: float = 60.0      # repeated refusals of one peer/AE/reason: one audit line per period
+
+
+@dataclass
 class NodeConfig:
     ae_title: str = "CXRSERVE"
     host: str = "127.0.0.1"
@@ -74,6 +97,16 @@ class NodeConfig:
     audit_log: Path | None = None
     keep_spooled_images: bool = False
     poll_s: float = 0.5
+    #: C-STOREs larger than this are refused (0xA700) before anything is spooled; the
+    #: scorer would refuse them anyway (its 64 MiB input limit).
+    max_dataset_bytes: int = 64 * 2**20
+    #: free bytes the spool's file system must keep; below it C-STORE is refused (0xA700)
+    #: so the sender keeps the instance instead of the node acking what it cannot write.
+    min_free_bytes: int = 2**30
+    #: days a failed instance's image and results (and a kept image) stay for an operator,
+    #: then they are deleted; delivered results are deleted as soon as they are delivered.
+    retention_days: float = 30.0
+    associations: Associations = field(default_factory=Associations)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     destinations: list[Destination] = field(default_factory=list)
     query_retrieve: QueryRetrieve | None = None
@@ -100,7 +133,8 @@ def load_config(path: str | Path) -> NodeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     known = {"ae_title", "host", "port", "allowed_calling_aes", "spool", "audit_log", "keep_spooled_images",
-             "poll_s", "scorer", "destinations", "query_retrieve", "retry"}
+             "poll_s", "scorer", "destinations", "query_retrieve", "retry", "max_dataset_bytes", "min_free_bytes",
+             "retention_days", "associations"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -118,7 +152,16 @@ def load_config(path: str | Path) -> NodeConfig:
         ae_title=_ae(raw.get("ae_title", "CXRSERVE"), "ae_title"), host=str(raw.get("host", "127.0.0.1")),
         port=int(raw.get("port", 11112)), allowed_calling_aes=[_ae(a, "allowed_calling_aes") for a in allowed],
         spool=rel(raw.get("spool", "spool")), audit_log=rel(raw["audit_log"]) if raw.get("audit_log") else None,
-        keep_spooled_images=bool(raw.get("keep_spooled_images", False)), poll_s=float(raw.get("poll_s", 0.5)))
+        keep_spooled_images=bool(raw.get("keep_spooled_images", False)), poll_s=float(raw.get("poll_s", 0.5)),
+        max_dataset_bytes=int(raw.get("max_dataset_bytes", 64 * 2**20)),
+        min_free_bytes=int(raw.get("min_free_bytes", 2**30)),
+        retention_days=float(raw.get("retention_days", 30)))
+    try:
+        cfg.associations = Associations(**(raw.get("associations") or {}))
+    except TypeError as err:
+        raise ConfigError(f"associations: {err}") from err
+    if cfg.associations.per_peer < 1 or cfg.associations.maximum < 1:
+        raise ConfigError("associations: maximum and per_peer are at least 1")
     sc = dict(raw.get("scorer") or {})
     try:
         cfg.scorer = ScorerConfig(**sc)
@@ -157,5 +200,8 @@ def load_config(path: str | Path) -> NodeConfig:
                                            ae_title=_ae(q.get("ae_title"), "query_retrieve.ae_title"),
                                            timeout_s=float(q.get("timeout_s", 30)))
     if raw.get("retry"):
-        cfg.retry = Retry(**raw["retry"])
+        try:
+            cfg.retry = Retry(**raw["retry"])
+        except TypeError as err:
+            raise ConfigError(f"retry: {err}") from err
     return cfg

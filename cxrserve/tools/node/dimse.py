@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 
@@ -18,6 +20,53 @@ PRIOR_MODALITIES = {"CR", "DX"}
 
 class DeliveryError(RuntimeError):
     pass
+
+
+class PriorSkipped(Exception):
+    """No prior is looked up or used, for a reason the audit log records (never a value)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+#: Characters that C-FIND treats as matching syntax in a PatientID (PS3.4 C.2.2.2): "*"
+#: and "?" are wildcards, "\\" separates values (a list match). No escape exists, so an
+#: identifier holding one can only be refused, never sent.
+QUERY_SPECIAL = set("*?\\")
+
+
+def query_safe_id(value, what: str) -> str:
+    """``value`` if it can be sent as a single-value, exact-match query key, else PriorSkipped."""
+    if isinstance(value, Sequence) and not isinstance(value, str):  # pydicom's MultiValue: "A\\B" parsed into two values
+        raise PriorSkipped(f"{what} holds several values: a query would match other patients")
+    value = "" if value is None else str(value)
+    if not value.strip():
+        raise PriorSkipped(f"no {what}")
+    if QUERY_SPECIAL & set(value):
+        raise PriorSkipped(f"{what} holds wildcard or multi-value characters: a query would match other patients")
+    return value
+
+
+def _norm(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip().upper()
+
+
+def same_patient(source: Dataset, prior: Dataset) -> str | None:
+    """None when ``prior`` is the source's patient, else what differs (a field name, no value).
+
+    PatientID must be equal; IssuerOfPatientID, PatientBirthDate and PatientSex must be
+    equal wherever both carry them (an ID is unique only within its issuer, and a PACS
+    holding two hospitals' records can repeat one).
+    """
+    if str(prior.get("PatientID", "") or "") != str(source.get("PatientID", "") or ""):
+        return "PatientID"
+    for keyword in ("IssuerOfPatientID", "PatientBirthDate", "PatientSex"):
+        a, b = _norm(source, keyword), _norm(prior, keyword)
+        if a and b and a != b:
+            return keyword
+    return None
 
 
 def _ae(ae_title: str, timeout: float):
@@ -59,7 +108,8 @@ def stowrs(objects: list[Dataset], dest: Destination) -> None:
         session = requests.Session()
         session.auth = (dest.username, dest.password)
         kwargs["session"] = session
-    client = DICOMwebClient(url=dest.url, **kwargs)
+    # the destination's own timeout (dicomweb-client's default is 20 s whatever was configured)
+    client = DICOMwebClient(url=dest.url, timeout=dest.timeout_s, **kwargs)
     client.set_http_retry_params(retry=False)
     try:
         client.store_instances(objects)
@@ -98,13 +148,16 @@ def _values(value) -> set[str]:
     return {str(v) for v in value}
 
 
-def find_prior(source: Dataset, qr: QueryRetrieve, calling_ae: str) -> Prior | None:
+def find_prior(source: Dataset, qr: QueryRetrieve, calling_ae: str, max_bytes: int = 64 * 2**20) -> Prior | None:
     """The patient's most recent earlier frontal CR/DX image, by C-FIND then C-GET, or None.
 
     "Earlier" is (StudyDate, StudyTime) before the source's study, another Study
     Instance UID; the study must list CR or DX in ModalitiesInStudy. Within it, the
     first CR/DX instance with a frontal (or absent) ViewPosition that is not one of the
-    node's own results is taken.
+    node's own results, and that is the same patient (:func:`same_patient`), is taken.
+
+    Raises :class:`PriorSkipped` when the source's identifiers cannot be queried safely
+    (wildcards, several values) or every candidate belongs to someone else.
     """
     from io import BytesIO
 
@@ -113,9 +166,9 @@ def find_prior(source: Dataset, qr: QueryRetrieve, calling_ae: str) -> Prior | N
                                       DigitalXRayImageStorageForProcessing, PatientRootQueryRetrieveInformationModelFind,
                                       PatientRootQueryRetrieveInformationModelGet, SecondaryCaptureImageStorage)
 
-    patient_id = str(source.get("PatientID", "") or "")
-    if not patient_id:
-        return None
+    patient_id = query_safe_id(source.get("PatientID"), "PatientID")
+    issuer = source.get("IssuerOfPatientID")
+    issuer = query_safe_id(issuer, "IssuerOfPatientID") if issuer not in (None, "") else ""
     current = (str(source.get("StudyDate", "") or ""), str(source.get("StudyTime", "") or ""))
     if not current[0]:
         return None
@@ -128,11 +181,20 @@ def find_prior(source: Dataset, qr: QueryRetrieve, calling_ae: str) -> Prior | N
         ae.add_requested_context(uid)
     roles = [build_role(uid, scp_role=True) for uid in storage]
     got: list[Dataset] = []
+    mismatch: list[str] = []
 
     def on_store(event):
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        got.append(ds)
+        from cxrserve.core.bounded import dcmread
+
+        try:  # the node receives into a file (chunked); a deflated prior is inflated with a cap
+            raw = Path(event.dataset_path).read_bytes()
+        except AttributeError:
+            raw = event.encoded_dataset(include_meta=True)
+        try:
+            got.append(dcmread(raw, max_bytes=max_bytes))
+        except Exception as err:  # noqa: BLE001 - a prior we cannot read is no prior
+            log.warning("prior instance refused (%s)", type(err).__name__)
+            return 0xA700
         return 0x0000
 
     assoc = ae.associate(qr.host, qr.port, ae_title=qr.ae_title, ext_neg=roles,
@@ -143,6 +205,8 @@ def find_prior(source: Dataset, qr: QueryRetrieve, calling_ae: str) -> Prior | N
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.PatientID = patient_id
+        if issuer:
+            q.IssuerOfPatientID = issuer
         q.StudyInstanceUID = ""
         q.StudyDate = f"-{current[0]}"
         q.StudyTime = ""
@@ -152,6 +216,9 @@ def find_prior(source: Dataset, qr: QueryRetrieve, calling_ae: str) -> Prior | N
             uid = str(ident.get("StudyInstanceUID", ""))
             when = (str(ident.get("StudyDate", "") or ""), str(ident.get("StudyTime", "") or ""))
             mods = _values(ident.get("ModalitiesInStudy"))
+            if "PatientID" in ident and str(ident.PatientID or "") != patient_id:
+                mismatch.append("PatientID")  # a PACS that matched loosely: never this patient's study
+                continue
             if uid and uid != str(source.StudyInstanceUID) and when < current and (not mods or mods & PRIOR_MODALITIES):
                 studies.append((when, uid))
         for _, study_uid in sorted(studies, reverse=True):
@@ -176,9 +243,16 @@ def find_prior(source: Dataset, qr: QueryRetrieve, calling_ae: str) -> Prior | N
                 for ds in got:
                     view = str(ds.get("ViewPosition", "") or "").upper()
                     if view in FRONTAL and str(ds.get("Manufacturer", "")) != "cxrserve":
+                        differs = same_patient(source, ds)
+                        if differs:
+                            mismatch.append(differs)
+                            continue
                         buf = BytesIO()
                         ds.save_as(buf, enforce_file_format=True)
                         return Prior(buf.getvalue(), str(series.get("StudyDate", "") or ""))
+        if mismatch:
+            raise PriorSkipped(f"candidate priors belong to another patient ({', '.join(sorted(set(mismatch)))} "
+                               "differs)")
         return None
     finally:
         assoc.release()

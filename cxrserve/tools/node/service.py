@@ -4,12 +4,29 @@ Guarantees:
 
 * **nothing acknowledged is lost**: a received instance is written to
   ``spool/incoming/<hash>.dcm`` and the file and its folder are fsynced before the
-  C-STORE success status is returned; a failure to spool answers 0xA700 (out of
-  resources) so the sender keeps it and retries;
+  C-STORE success status is returned. Success is answered only while the node can keep
+  it: a worker is running, the spool and results folders can be written, the file
+  system keeps ``min_free_bytes`` and the data set is at most ``max_dataset_bytes``
+  (a deflated one inflated with that cap, :mod:`cxrserve.core.bounded`); otherwise
+  0xA700 (out of resources), so the sender keeps it and retries. Data sets are received
+  into a temporary file (pynetdicom's chunked receive), never whole in memory;
+* **one worker that cannot die silently**: any failure while processing or delivering an
+  instance goes to that instance (retried with back-off when it can pass, ``failed``
+  with the exception type when it cannot); a dead worker is restarted by a supervisor,
+  and while none runs C-STORE is refused and C-ECHO answers 0x0110 (processing failure);
+  ``spool/health.json`` says the same for ``cxrserve node status``;
 * **refused at association**: calling AE titles not in ``allowed_calling_aes``
-  (pynetdicom's ``require_calling_aet``); only CR, DX (for presentation and for
-  processing), SC and Verification are negotiated, so a CT is refused by the sender's
-  presentation context;
+  (pynetdicom's ``require_calling_aet``), called AE titles other than ``ae_title``
+  (``require_called_aet``); at most ``associations.per_peer`` open connections from one
+  address and an A-ASSOCIATE-RQ within ``acse_timeout_s``, so idle sockets cannot hold
+  every slot; each refusal is audited with its real reason, repeated ones once a period;
+* **only what the decoder reads**: the radiograph SOP classes of
+  :mod:`cxrserve.core.input_checks` and the transfer syntaxes of
+  :mod:`cxrserve.core.bounded` (one list each, shared with the scorer), so a CT is
+  refused by the sender's presentation context and a JPEG-LS CR is taken;
+* **one instance per UID**: a resend of an instance is acknowledged once; a *different*
+  instance with a SOP Instance UID already used (another study, series, patient or
+  matrix), or with none, is refused (0x0111 / 0xC000) with an audit line;
 * **finished after a crash**: on start, every spooled or scored instance without its
   deliveries is picked up again (spooled files without a state row too);
 * **delivered once**: each destination of an instance is marked delivered in the state
@@ -19,170 +36,148 @@ Guarantees:
   the PACS keeps one copy.
 * **audit**: one JSON line per instance in the audit log when it reaches a final
   state (``done``, ``not_processed`` with the reason, ``failed``): hashed SOP UID,
-  outcome, destinations, timings; never a patient identifier or a clear UID.
+  outcome, destinations, timings; never a patient identifier or a clear UID, and for
+  errors the exception type with a fixed message, never its text (which can quote a
+  header value);
+* **patient data kept no longer than needed, readable only by the service account**:
+  the spool is 0700, files in it 0600; result objects are deleted once every
+  destination has them, a received image once it is finished (unless
+  ``keep_spooled_images``), and a failed instance's files after ``retention_days``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import shutil
+import sqlite3
+import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pydicom
 
+from cxrserve.core.bounded import dcmread
+from cxrserve.core.errors import CXRInputError
 from cxrserve.tools.dicom_results import NotProcessed, build_results, not_processed_reason, write_results
 from cxrserve.tools.node.config import NodeConfig
+from cxrserve.tools.node.receive import StorageSCP
+from cxrserve.tools.node.spoolfiles import AuditLog, private_dir
 from cxrserve.tools.node.state import State
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR",
-    "1.2.840.10008.5.1.4.1.1.1.1": "DX for presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "DX for processing",
-    "1.2.840.10008.5.1.4.1.1.7": "SC",
-}
-TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.1.99",
-]
+#: Failures that can pass by themselves (retried with back-off); anything else is a
+#: property of the instance or a bug and fails it at once.
+TRANSIENT = (OSError, MemoryError, sqlite3.OperationalError, ConnectionError, TimeoutError)
+HEALTH_EVERY_S = 2.0
+JANITOR_EVERY_S = 3600.0
 
 
-def sop_hash(uid: str) -> str:
-    """sha256 of the SOP Instance UID, first 16 hex (as ``cxrserve batch`` keys DICOM inputs)."""
-    return hashlib.sha256(str(uid).encode("utf-8")).hexdigest()[:16]
+def failure_reason(stage: str, err: BaseException) -> str:
+    """A fixed message per stage and the exception's type: its text can quote a header value."""
+    from cxrserve.tools.node.dimse import DeliveryError
+    from cxrserve.tools.node.scoring import ScoringUnavailable
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class AuditLog:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.lock = threading.Lock()
-        if path.exists() and path.stat().st_size:
-            with open(path, "rb+") as fh:  # a line torn by a crash stays alone on its line
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-
-    def logged_outcomes(self) -> set[tuple[str, str]]:
-        """(instance, outcome) pairs already in the log (read at start-up only)."""
-        out = set()
-        if self.path.exists():
-            with open(self.path, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a torn last line from a crash
-                    if record.get("event") == "instance":
-                        out.add((record.get("instance"), record.get("outcome")))
-        return out
-
-    def write(self, record: dict) -> None:
-        line = json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}, sort_keys=True)
-        with self.lock, open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    if isinstance(err, (ScoringUnavailable, DeliveryError)):
+        return f"{stage}: {err}"  # cxrserve's own messages: statuses, AE titles, hosts
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{stage}: {type(err).__name__} ({os.strerror(err.errno)})"
+    return f"{stage}: {type(err).__name__}"
 
 
 class Node:
     def __init__(self, cfg: NodeConfig, scorer=None):
         self.cfg = cfg
-        self.incoming = cfg.spool / "incoming"
-        self.results = cfg.spool / "results"
-        for folder in (self.incoming, self.results):
-            folder.mkdir(parents=True, exist_ok=True)
+        private_dir(cfg.spool)
+        self.incoming = private_dir(cfg.spool / "incoming")
+        self.results = private_dir(cfg.spool / "results")
+        self.health_path = cfg.spool / "health.json"
         self.state = State(cfg.spool / "state.sqlite")
         self.audit = AuditLog(cfg.audit_path)
         self._scorer = scorer
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        self.server = None
+        self.scp = StorageSCP(self)
         self.worker = None
+        self.supervisor = None
+        self.worker_starts = 0
+        self._last_janitor = 0.0
 
-    # ------------------------------------------------------------------ SCP
-    def _ae(self):
-        from pynetdicom import AE, evt
-        from pynetdicom.sop_class import Verification
+    # ------------------------------------------------------------------ health
+    @property
+    def worker_alive(self) -> bool:
+        return self.worker is not None and self.worker.is_alive()
 
-        ae = AE(ae_title=self.cfg.ae_title)
-        ae.require_calling_aet = list(self.cfg.allowed_calling_aes)
-        ae.add_supported_context(Verification)
-        for uid in ACCEPTED_SOP_CLASSES:
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
-        ae.maximum_associations = 8
-        handlers = [(evt.EVT_C_STORE, self.on_store), (evt.EVT_C_ECHO, lambda event: 0x0000),
-                    (evt.EVT_REJECTED, self.on_rejected)]
-        return ae, handlers
-
-    def on_rejected(self, event) -> None:
-        calling = str(getattr(event.assoc.requestor, "ae_title", "")).strip()
-        # An AE title is not a patient identifier; it names the refused sender.
-        self.audit.write({"event": "association_refused", "calling_ae": calling,
-                          "reason": "calling AE title not in allowed_calling_aes"})
-
-    def on_store(self, event) -> int:
-        start = time.perf_counter()
+    def can_keep(self, size: int = 0) -> str | None:
+        """None when a received instance of ``size`` bytes can be kept and processed, else why not."""
+        if self.stop_event.is_set():
+            return "the node is stopping"
+        if not self.worker_alive:
+            return "no worker is running"
         try:
-            ds = event.dataset
-            uid = str(ds.SOPInstanceUID)
-        except Exception:  # noqa: BLE001 - an undecodable header: refuse, the sender keeps it
-            log.warning("C-STORE with an unreadable data set refused")
-            return 0xC000
-        key = sop_hash(uid)
-        known = self.state.get(key)
-        if known is not None and known.status != "failed":
-            return 0x0000  # a resend of an instance already spooled: one result set per instance
-        path = self.incoming / f"{key}.dcm"
-        tmp = self.incoming / f"{key}.part"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(event.encoded_dataset(include_meta=True))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.incoming)
-            if known is not None:  # a resend of a failed instance: try it again from the start
-                self.state.requeue(key)
-            else:
-                self.state.add(key)
-            self.state.set_timings(key, json.dumps({"spool_ms": round(1000 * (time.perf_counter() - start), 1)}))
+            if shutil.disk_usage(self.cfg.spool).free < self.cfg.min_free_bytes + size:
+                return "the spool's disk is nearly full"
+            for folder in (self.incoming, self.results):  # a real write: root passes every access() check
+                fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
+                os.close(fd)
+                os.unlink(probe)
         except OSError as err:
-            log.error("spooling failed: %s", err.strerror)
-            return 0xA700
-        self.wake.set()
-        return 0x0000
+            return f"the spool cannot be written ({os.strerror(err.errno) if err.errno else type(err).__name__})"
+        return None
+
+    def health(self) -> dict:
+        problem = self.can_keep()
+        return {"healthy": problem is None, "problem": problem or "", "worker_alive": self.worker_alive,
+                "worker_starts": self.worker_starts, "checked": time.time(), "counts": self.state.counts()}
+
+    def _write_health(self) -> None:
+        tmp = self.health_path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.health(), fh)
+            os.replace(tmp, self.health_path)
+        except (OSError, sqlite3.Error) as err:  # health reporting never stops the node
+            log.warning("health file not written: %s", type(err).__name__)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.recover()
-        ae, handlers = self._ae()
-        self.server = ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers)
-        self.worker = threading.Thread(target=self._work, name="cxrserve-node-worker", daemon=True)
-        self.worker.start()
+        self._start_worker()
+        self.scp.start()
+        self._write_health()
+        self.supervisor = threading.Thread(target=self._supervise, name="cxrserve-node-supervisor", daemon=True)
+        self.supervisor.start()
         log.info("DICOM node %s listening on %s:%d (allowed callers: %s)", self.cfg.ae_title, self.cfg.host,
                  self.cfg.port, ", ".join(self.cfg.allowed_calling_aes))
+
+    def _start_worker(self) -> None:
+        self.worker = threading.Thread(target=self._work, name="cxrserve-node-worker", daemon=True)
+        self.worker_starts += 1
+        self.worker.start()
+
+    def _supervise(self) -> None:
+        """Restart a dead worker; keep health.json current."""
+        while not self.stop_event.wait(HEALTH_EVERY_S / 2):
+            if not self.worker_alive and not self.stop_event.is_set():
+                log.error("worker died; restarting it")
+                try:
+                    self.audit.write({"event": "worker_restarted", "starts": self.worker_starts})
+                except OSError:
+                    pass
+                self._start_worker()
+            self._write_health()
 
     def stop(self) -> None:
         self.stop_event.set()
         self.wake.set()
-        if self.server is not None:
-            self.server.shutdown()
+        self.scp.stop()
+        if self.supervisor is not None:
+            self.supervisor.join(timeout=30)
         if self.worker is not None:
             self.worker.join(timeout=300)
+        self._write_health()
         self.state.close()
 
     def recover(self) -> None:
@@ -213,23 +208,47 @@ class Node:
     def _work(self) -> None:
         try:
             self.scorer  # load models before the first instance
-        except Exception:
-            log.exception("scorer failed to load; instances stay spooled")
+        except Exception as err:  # noqa: BLE001 - retried per instance; the node keeps receiving
+            log.error("scorer failed to load (%s); instances stay spooled and are retried", type(err).__name__)
+        pause = self.cfg.poll_s
         while not self.stop_event.is_set():
-            busy = False
-            for inst in self.state.due("scored"):
-                busy = True
-                self.deliver(inst.sop_hash)
-                if self.stop_event.is_set():
-                    return
-            for inst in self.state.due("spooled", limit=1):
-                busy = True
-                self.process(inst.sop_hash)
-                if self.stop_event.is_set():
-                    return
+            try:
+                busy = self._work_once()
+                pause = self.cfg.poll_s
+            except Exception as err:  # noqa: BLE001 - e.g. the state file itself failing: back off, never die
+                log.error("worker step failed (%s); retrying in %.0f s", type(err).__name__, pause)
+                busy = False
+                pause = min(60.0, pause * 2)
             if not busy:
-                self.wake.wait(self.cfg.poll_s)
+                self.wake.wait(pause)
                 self.wake.clear()
+
+    def _work_once(self) -> bool:
+        busy = False
+        if time.time() - self._last_janitor >= JANITOR_EVERY_S:
+            self._last_janitor = time.time()
+            self.expire()
+        for inst in self.state.due("scored"):
+            busy = True
+            self._guarded("delivering results", self.deliver, inst.sop_hash)
+            if self.stop_event.is_set():
+                return busy
+        for inst in self.state.due("spooled", limit=1):
+            busy = True
+            self._guarded("processing", self.process, inst.sop_hash)
+            if self.stop_event.is_set():
+                return busy
+        return busy
+
+    def _guarded(self, stage: str, step, key: str) -> None:
+        """Run one instance's step; its failure goes to that instance, never to the worker."""
+        try:
+            step(key)
+        except TRANSIENT as err:
+            self._retry(key, failure_reason(stage, err))
+        except Exception as err:  # noqa: BLE001 - a property of this instance (or a bug): fail it
+            log.error("instance %s: %s failed (%s)", key, stage, type(err).__name__)
+            self._final(key, "failed", failure_reason(stage, err), self._timings(key))
 
     def _timings(self, key: str) -> dict:
         inst = self.state.get(key)
@@ -244,28 +263,38 @@ class Node:
         timings = self._timings(key)
         try:
             data = path.read_bytes()
-            source = pydicom.dcmread(path, stop_before_pixels=True)
-        except (OSError, pydicom.errors.InvalidDicomError) as err:
-            self._final(key, "failed", f"spooled file unreadable: {err}", timings)
+            source = dcmread(data, max_bytes=self.cfg.max_dataset_bytes, stop_before_pixels=True)
+        except FileNotFoundError:
+            self._final(key, "failed", "spooled file missing", timings)
+            return
+        except (pydicom.errors.InvalidDicomError, CXRInputError):
+            self._final(key, "failed", "spooled file unreadable", timings)
             return
         prior = None
         if self.cfg.query_retrieve is not None:
             t0 = time.perf_counter()
-            try:
-                from cxrserve.tools.node.dimse import find_prior
+            from cxrserve.tools.node.dimse import PriorSkipped, find_prior
 
-                found = find_prior(source, self.cfg.query_retrieve, self.cfg.ae_title)
+            try:
+                found = find_prior(source, self.cfg.query_retrieve, self.cfg.ae_title, self.cfg.max_dataset_bytes)
                 prior = found.data if found else None
                 timings["prior"] = "found" if found else "none"
+            except PriorSkipped as skipped:  # a reason made here: no field values
+                timings["prior"] = f"skipped: {skipped.reason}"
             except Exception as err:  # noqa: BLE001 - a PACS query failure must not block scoring
-                log.warning("prior lookup failed: %s", err)
-                timings["prior"] = "lookup failed"
+                log.warning("prior lookup failed: %s", type(err).__name__)
+                timings["prior"] = f"lookup failed ({type(err).__name__})"
             timings["prior_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         t0 = time.perf_counter()
+        from cxrserve.tools.node.scoring import ScoringUnavailable
+
         try:
             response = self.scorer.score(data, prior)
-        except Exception as err:  # noqa: BLE001 - transient: retry with back-off
-            self._retry(key, f"scoring unavailable: {err}")
+        except Exception as err:  # noqa: BLE001 - the scorer down, loading or crashing: retried with back-off
+            reason = failure_reason("scoring unavailable", err if isinstance(err, ScoringUnavailable) else
+                                    ScoringUnavailable(type(err).__name__))
+            self.state.set_timings(key, json.dumps(timings))
+            self._retry(key, reason)
             return
         timings["score_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         reason = not_processed_reason(response)
@@ -279,10 +308,11 @@ class Node:
             self._final(key, "not_processed", err.reason, timings)
             return
         except Exception as err:  # noqa: BLE001 - a response we cannot encode: kept for an operator
-            log.exception("building result objects failed")
-            self._final(key, "failed", f"building result objects: {type(err).__name__}: {err}", timings)
+            log.error("building result objects failed (%s)", type(err).__name__)
+            self._final(key, "failed", failure_reason("building result objects", err), timings)
             return
-        write_results(objects, self.results / key, fsync=True)
+        out = private_dir(self.results / key)
+        write_results(objects, out, fsync=True)
         timings["build_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         timings["objects"] = len(objects)
         self.state.set_status(key, "scored", timings=json.dumps(timings),
@@ -291,16 +321,23 @@ class Node:
 
     def _retry(self, key: str, reason: str) -> None:
         inst = self.state.get(key)
+        if inst is None:
+            return
         attempts = self.state.retry_later(key, self.cfg.retry.delay(inst.attempts + 1), reason)
-        log.warning("instance %s: %s (try %d of %d)", key, reason, attempts, self.cfg.retry.attempts)
-        if attempts >= self.cfg.retry.attempts:
+        log.warning("instance %s: %s (try %d)", key, reason, attempts)
+        if self.cfg.retry.exhausted(attempts, inst.received, time.time()):
             self._final(key, "failed", reason, self._timings(key))
 
     def deliver(self, key: str) -> None:
         folder = self.results / key
-        objects = [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+        paths = sorted(folder.glob("*.dcm"))
+        if not paths:  # results gone (deleted by hand, or a spool from another node): score again
+            self.state.set_status(key, "spooled", reason="result objects missing; scoring again")
+            return
+        objects = [pydicom.dcmread(p) for p in paths]
         timings = self._timings(key)
         by_name = {d.name: d for d in self.cfg.destinations}
+        inst = self.state.get(key)
         failures = []
         for name, attempts in self.state.pending_deliveries(key):
             dest = by_name.get(name)
@@ -313,10 +350,11 @@ class Node:
 
                 deliver(objects, dest, self.cfg.ae_title)
             except Exception as err:  # noqa: BLE001 - retried with back-off
-                n = self.state.delivery_failed(key, name, str(err))
-                failures.append(f"{name}: {err}")
-                log.warning("instance %s: delivery to %s failed (try %d): %s", key, name, n, err)
-                if n >= self.cfg.retry.attempts:
+                reason = failure_reason(f"delivery to {name}", err)
+                n = self.state.delivery_failed(key, name, reason)
+                failures.append(reason)
+                log.warning("instance %s: %s (try %d)", key, reason, n)
+                if self.cfg.retry.exhausted(n, inst.received, time.time()):
                     self._final(key, "failed", "; ".join(failures), timings)
                     return
                 continue
@@ -332,9 +370,22 @@ class Node:
 
     def _final(self, key: str, status: str, reason: str, timings: dict) -> None:
         self.state.set_status(key, status, reason=reason, timings=json.dumps(timings))
-        if not self.cfg.keep_spooled_images and status in ("done", "not_processed"):
-            (self.incoming / f"{key}.dcm").unlink(missing_ok=True)
+        if status in ("done", "not_processed"):
+            shutil.rmtree(self.results / key, ignore_errors=True)  # every destination has them
+            if not self.cfg.keep_spooled_images:
+                (self.incoming / f"{key}.dcm").unlink(missing_ok=True)
         self._audit_final(key)
+
+    def expire(self) -> None:
+        """Delete what retention allows no longer: a failed instance's image and results, a kept image."""
+        cutoff = time.time() - self.cfg.retention_days * 86400
+        for inst in self.state.received_before(("failed", "done", "not_processed"), cutoff):
+            image, results = self.incoming / f"{inst.sop_hash}.dcm", self.results / inst.sop_hash
+            if image.exists() or results.exists():
+                image.unlink(missing_ok=True)
+                shutil.rmtree(results, ignore_errors=True)
+                self.audit.write({"event": "expired", "instance": f"sha256:{inst.sop_hash}",
+                                  "outcome": inst.status, "retention_days": self.cfg.retention_days})
 
     def _audit_final(self, key: str) -> None:
         inst = self.state.get(key)
@@ -357,8 +408,13 @@ def run(cfg: NodeConfig, scorer=None) -> int:
     """Run until SIGTERM/SIGINT; in-flight work finishes its current step first."""
     import signal
 
+    from pydicom import config as dicom_config
+
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every copied module at INFO
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's read-time warnings quote the offending value (a name, a birth date): the
+    # node's log must hold none; clean_source repairs or blanks such values in the results
+    dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
     node = Node(cfg, scorer)
     stop = threading.Event()
 

@@ -7,12 +7,23 @@ UID never leaves the spooled file itself.
 Instance status: ``spooled`` (file fsynced, not scored), ``scored`` (result objects
 written and fsynced, deliveries pending), ``done`` (every destination delivered),
 ``not_processed`` (a 4xx from the scorer: lateral, non-chest, gate rejection; no objects),
-``failed`` (gave up after the retry budget; kept for an operator). Each destination of a
-scored instance has its own row: ``pending`` or ``delivered``; a delivered destination
-is never sent again.
+``failed`` (gave up after the retry budget, or a permanent error; kept for an operator,
+``cxrserve node requeue`` sends it round again). Each destination of a scored instance has
+its own row: ``pending`` or ``delivered``; a delivered destination is never sent again.
+
+``identity`` is a hash of what makes an instance *that* instance (study, series, SOP
+class, patient, matrix): a resend of the same SOP Instance UID with the same identity is
+the same instance, a different one is refused as a duplicate UID instead of being acked
+and dropped.
+
+The operator's view, read-only while the node runs::
+
+    sqlite3 -readonly spool/state.sqlite \
+      "SELECT sop_hash, status, attempts, reason FROM instances WHERE status='failed'"
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -28,7 +39,8 @@ CREATE TABLE IF NOT EXISTS instances (
   next_try REAL NOT NULL DEFAULT 0,
   reason TEXT NOT NULL DEFAULT '',
   timings TEXT NOT NULL DEFAULT '{}',
-  audited INTEGER NOT NULL DEFAULT 0
+  audited INTEGER NOT NULL DEFAULT 0,
+  identity TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS deliveries (
   sop_hash TEXT NOT NULL,
@@ -53,16 +65,23 @@ class Instance:
     reason: str
     timings: str
     audited: int
+    identity: str = ""
 
 
 class State:
     def __init__(self, path):
         self.path = str(path)
         self.lock = threading.Lock()
+        # created 0600 first: SQLite gives its -wal and -shm files the database file's mode
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
+        if "identity" not in columns:  # a spool from before duplicate-UID checks
+            self.db.execute("ALTER TABLE instances ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def tx(self):
@@ -80,19 +99,34 @@ class State:
             self.db.close()
 
     # ------------------------------------------------------------------ instances
-    def add(self, sop_hash: str) -> bool:
+    def add(self, sop_hash: str, identity: str = "") -> bool:
         """Register a spooled instance; False when it is already known (a resend)."""
         with self.tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO instances (sop_hash, status, received) VALUES (?, 'spooled', ?)",
-                             (sop_hash, time.time()))
+            cur = db.execute("INSERT OR IGNORE INTO instances (sop_hash, status, received, identity) "
+                             "VALUES (?, 'spooled', ?, ?)", (sop_hash, time.time(), identity))
             return cur.rowcount == 1
 
-    def requeue(self, sop_hash: str) -> None:
-        """A failed instance sent again: back to ``spooled`` with a fresh retry budget."""
+    def requeue(self, sop_hash: str, *, scored: bool = False) -> bool:
+        """A failed instance sent again (or requeued by the operator): a fresh retry budget,
+        from its result objects when they are still there (``scored``), else from the image."""
         with self.tx() as db:
-            db.execute("UPDATE instances SET status='spooled', attempts=0, next_try=0, reason='', audited=0 "
-                       "WHERE sop_hash=? AND status='failed'", (sop_hash,))
+            cur = db.execute("UPDATE instances SET status=?, attempts=0, next_try=0, reason='', audited=0, "
+                             "received=? WHERE sop_hash=? AND status='failed'",
+                             ("scored" if scored else "spooled", time.time(), sop_hash))
             db.execute("UPDATE deliveries SET attempts=0 WHERE sop_hash=? AND status='pending'", (sop_hash,))
+            return cur.rowcount == 1
+
+    def with_status(self, status: str) -> list[Instance]:
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM instances WHERE status=? ORDER BY received", (status,)).fetchall()
+        return [Instance(*r) for r in rows]
+
+    def received_before(self, statuses: tuple[str, ...], before: float) -> list[Instance]:
+        marks = ",".join("?" * len(statuses))
+        with self.lock:
+            rows = self.db.execute(f"SELECT * FROM instances WHERE status IN ({marks}) AND received<?",
+                                   (*statuses, before)).fetchall()
+        return [Instance(*r) for r in rows]
 
     def get(self, sop_hash: str) -> Instance | None:
         with self.lock:

@@ -19,7 +19,11 @@ exactly what the served models return, in about 500 lines with no new dependency
 Security: binds to 127.0.0.1 by default; rejects requests whose ``Host`` is not the
 address it serves (DNS rebinding) and API calls without the ``X-CXR-UI`` header (a
 cross-site form post cannot set it, so other web pages cannot use the proxy); strict
-Content-Security-Policy; bounded request size; only known model names are proxied.
+Content-Security-Policy; only known model names are proxied. A per-start secret (in the
+URL it prints, then an HttpOnly SameSite cookie) is needed for every API call, so other
+local users cannot use the server's token through it; request lengths are checked before
+a body is read (411/400/413), each request must arrive within ``--conn-timeout`` and at
+most ``--max-connections`` are served at once.
 """
 from __future__ import annotations
 
