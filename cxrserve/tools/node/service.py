@@ -143,6 +143,12 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        from pydicom import config as dicom_config
+
+        # pydicom's read-time warnings quote the offending value (a name, a birth date) and the
+        # node reads headers of every instance it takes: none of that may reach its log
+        # (clean_source repairs or blanks such values in the results)
+        dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
         self.recover()
         self._start_worker()
         self.scp.start()
@@ -408,13 +414,9 @@ def run(cfg: NodeConfig, scorer=None) -> int:
     """Run until SIGTERM/SIGINT; in-flight work finishes its current step first."""
     import signal
 
-    from pydicom import config as dicom_config
-
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs every copied module at INFO
+    # highdicom logs every copied module at INFO (naming the source's SOP Instance UID)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    # pydicom's read-time warnings quote the offending value (a name, a birth date): the
-    # node's log must hold none; clean_source repairs or blanks such values in the results
-    dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
     node = Node(cfg, scorer)
     stop = threading.Event()
 
