@@ -1,6 +1,6 @@
 """KServe: the model repository layout, its config.properties, and KServe v2 requests.
 
-A second TorchServe runs the repository written by ``python -m cxrserve.tools.kserve_repository`` with
+A second TorchServe runs the repository written by ``python -m cxrserve.tools.kserve.torchserve_runtime`` with
 the very ``config.properties`` KServe would mount (``service_envelope=kservev2``), only
 its addresses moved to free loopback ports, and every served model is asked over the
 Open Inference Protocol (``POST /v2/models/<name>/infer``), including concurrent
@@ -20,7 +20,7 @@ import requests
 import yaml
 
 from cxrserve.core import kserve
-from cxrserve.tools.kserve_repository import prepare_model_repository
+from cxrserve.tools.kserve.torchserve_runtime import prepare_model_repository
 
 from cxrserve.tools import server
 from tsutil import REPO, free_port

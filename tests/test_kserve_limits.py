@@ -38,7 +38,7 @@ class StandInDataplane:
 def url():
     from fastapi import FastAPI
 
-    from cxrserve.tools.kserve_server import install_routes
+    from cxrserve.tools.kserve.server import install_routes
 
     app = FastAPI()
     install_routes(app, SimpleNamespace(dataplane=StandInDataplane()), LIMIT)

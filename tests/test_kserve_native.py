@@ -167,7 +167,7 @@ def test_store_discovery_unpacks_once(model_store, tmp_path):
     """Archives unpack once (again only when rebuilt, old copies removed); folders serve as they are."""
     import shutil
 
-    from cxrserve.tools.kserve_server import discover
+    from cxrserve.tools.kserve.repository import discover
 
     store = tmp_path / "store"
     store.mkdir()
@@ -450,7 +450,7 @@ def test_predictor_logs_no_file_contents(predictor):
 def torchserve_v2(model_store, tmp_path_factory, module_tmp):
     """TorchServe with the kservev2 envelope (KServe's TorchServe runtime) and token auth, cxr-triage only."""
     from cxrserve.tools import server
-    from cxrserve.tools.kserve_repository import prepare_model_repository
+    from cxrserve.tools.kserve.torchserve_runtime import prepare_model_repository
     from tsutil import start_torchserve
 
     repo = prepare_model_repository(model_store, module_tmp("ts-v2-repo"), models=["cxr-triage"])

@@ -97,7 +97,7 @@ def v2_response(body: dict) -> dict:
     """The cxrserve response inside a v2 answer (``outputs[0].data[0]``).
 
     TorchServe's envelope puts the JSON object itself there; the KServe-native predictor
-    (:mod:`cxrserve.tools.kserve_server`) answers a BYTES tensor holding it as JSON text.
+    (:mod:`cxrserve.tools.kserve`) answers a BYTES tensor holding it as JSON text.
     """
     try:
         value = body["outputs"][0]["data"][0]

@@ -1,8 +1,10 @@
-"""``python -m cxrserve.tools.kserve_repository``: the store laid out for KServe's TorchServe runtime.
+"""``python -m cxrserve.tools.kserve.torchserve_runtime``: the store laid out for KServe's TorchServe runtime.
 
-Writes ``config/config.properties`` (``service_envelope=kservev2``, one worker and batch
-size 1 per model: the envelope answers only a batch's first request),
-``config/log4j2.xml`` and ``model-store/*.mar``; see ``deploy/kserve/``.
+The other way to run cxrserve on KServe (the first is the native predictor, ``cxrserve
+kserve``): KServe's own TorchServe runtime. Writes ``config/config.properties``
+(``service_envelope=kservev2``, one worker and batch size 1 per model: the envelope
+answers only a batch's first request), ``config/log4j2.xml`` and ``model-store/*.mar``;
+see ``deploy/kserve/``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import shutil
 from pathlib import Path
 
 KSERVE_PROPERTIES = """\
-# TorchServe configuration for KServe's TorchServe runtime (written by `python -m cxrserve.core.kserve`).
+# TorchServe configuration for KServe's TorchServe runtime (python -m cxrserve.tools.kserve.torchserve_runtime).
 # KServe mounts the storageUri at /mnt/models: this file is /mnt/models/config/config.properties
 # and the archives are in /mnt/models/model-store.
 #
@@ -61,6 +63,9 @@ def prepare_model_repository(store: str | Path, out: str | Path, models: list[st
 
     import yaml
 
+    from cxrserve.tools.kserve.repository import config_name
+    from cxrserve.tools.server import LOG_CONFIG
+
     store, out = Path(store), Path(out)
     names = models or sorted(p.stem for p in store.glob("*.mar"))
     if not names:
@@ -73,10 +78,10 @@ def prepare_model_repository(store: str | Path, out: str | Path, models: list[st
         dst = out / "model-store" / f"{name}.mar"
         with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst.with_suffix(".tmp"), "w") as zout:
             manifest = json.loads(zin.read("MAR-INF/MANIFEST.json"))
-            config_name = manifest["model"].get("configFile", "model-config.yaml")
+            config_file = config_name(manifest)
             for info in zin.infolist():
                 data = zin.read(info.filename)
-                if info.filename == config_name:
+                if info.filename == config_file:
                     config = yaml.safe_load(data) or {}
                     config.update(batchSize=1, maxBatchDelay=0, minWorkers=workers, maxWorkers=workers)
                     data = yaml.safe_dump(config, sort_keys=False).encode()
@@ -89,13 +94,12 @@ def prepare_model_repository(store: str | Path, out: str | Path, models: list[st
                                               "responseTimeout": 120}}
     (out / "config" / "config.properties").write_text(
         KSERVE_PROPERTIES + f"model_snapshot={json.dumps(snapshot, separators=(',', ':'))}\n")
-    shutil.copy(Path(__file__).with_name("log4j2.xml"), out / "config" / "log4j2.xml")
+    shutil.copy(LOG_CONFIG, out / "config" / "log4j2.xml")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-
-    parser = argparse.ArgumentParser(prog="python -m cxrserve.core.kserve",
+    parser = argparse.ArgumentParser(prog="python -m cxrserve.tools.kserve.torchserve_runtime",
                                      description="lay out a model store for KServe's TorchServe runtime")
     parser.add_argument("--store", default="model_store")
     parser.add_argument("--out", default="build/kserve", help="upload this folder as the storageUri")
