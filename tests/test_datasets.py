@@ -249,6 +249,22 @@ def test_read_folder_phantom_layout(tmp_path, caplog):
     assert D.read_folder(root, source="phantom_v2")[0].source == "phantom_v2"
 
 
+def test_read_folder_outcome_projection_and_site_columns(tmp_path):
+    """A hospital's own column names: ``died`` (1/0), ``projection`` (ap/pa), an optional ``site``."""
+    root = tmp_path / "hospital"
+    for n in ("a", "b", "c"):
+        write_png(root / f"images/{n}.png")
+    header = ["filename", "label", "patient_id", "projection", "died", "site"]
+    rows = [dict(filename="images/a.png", label="covid", patient_id="p1", projection="ap", died="1", site="icu"),
+            dict(filename="images/b.png", label="covid", patient_id="p2", projection="pa", died="0", site=""),
+            dict(filename="images/c.png", label="covid", patient_id="p3", projection="", died="", site="")]
+    write_csv(root / "labels.csv", header, rows)
+    a, b, c = D.read_folder(root)
+    assert (a.view, a.is_frontal, a.survival, a.site) == ("AP", True, 0, "icu")
+    assert (b.view, b.survival, b.site) == ("PA", 1, "hospital")  # no site column value: the collection
+    assert c.survival is None and c.view == ""
+
+
 def test_read_folder_mask_preference(tmp_path):
     root = tmp_path / "ieee"
     for n in ("x", "y", "z"):
@@ -451,6 +467,7 @@ EXPECTED = {  # from CATALOG.md
                          "pneumonia_unspecified": 11, "normal": 12, "other": 6},
     "gb_covid_segmentations": {"covid": 54, "other_pneumonia_or_ards": 29, "normal": 1},
     "kermany_pediatric_subset": {"normal": 68, "pneumonia": 82},
+    "hannover_covid": {"covid": 243},
 }
 
 
@@ -483,6 +500,11 @@ def test_read_shared_counts_match_catalog(shared_data, shared_records):
     assert all(r.mask_path.is_file() for r in shared_records if r.mask_path is not None)
     sev = [r for r in by if r.geographic_extent is not None]
     assert all(0 <= r.geographic_extent <= 8 and 0 <= r.opacity <= 6 for r in sev)
+    hannover = src["hannover_covid"]  # a second COVID-19 hospital, with outcomes (CATALOG.md)
+    assert hannover["patients"] == 71 and hannover["survival"] == {"died": 48, "survived": 195}
+    views = [r.view for r in shared_records if r.source == "hannover_covid"]
+    assert views.count("AP") == 194 and views.count("PA") == 49 and hannover["frontal"] == 243
+    assert {r.site for r in shared_records} == set(EXPECTED)  # one site per collection here
     kermany = [r for r in shared_records if r.source == "kermany_pediatric_subset"]
     assert not any(r.patient_id in ("NORMAL2-IM",) for r in kermany)
 

@@ -40,7 +40,8 @@ def read_folder(
     Known optional columns: patient (``patient_id`` / ``patientid`` /
     ``kermany_patient_key``), view (``view`` / ``view_position``), ``is_frontal``,
     ``is_adult`` (else derived from ``age`` / ``patient_age`` when present),
-    ``geographic_extent_mean`` (0-8), ``opacity_mean`` (0-6), ``survival`` (Y/N or 1/0),
+    ``geographic_extent_mean`` (0-8), ``opacity_mean`` (0-6), ``survival`` (Y/N or 1/0; else
+    the inverse of ``died``), ``projection`` as a view column, ``site`` (else the folder),
     ``report``, and lung masks. The project's phantom folders use the same layout.
 
     Mask choice: ``mask_column`` (one name or a preference list) if given, else the
@@ -129,7 +130,7 @@ def read_folder(
                 mask_path=mask_path,
                 geographic_extent=_parse_float(row.get("geographic_extent_mean")),
                 opacity=_parse_float(row.get("opacity_mean")),
-                survival=_parse_survival(row.get("survival")),
+                survival=_parse_survival(row.get("survival"), row.get("died")),
                 is_adult=is_adult,
                 report=(row.get("report") or "").strip(),
                 extras=extras,

@@ -21,7 +21,7 @@ NON_IMAGE_FOLDERS = ("dicom_samples", "fullres")
 
 # Column names understood by read_folder, per field, first match wins.
 _PATIENT_COLUMNS = ("patient_id", "patientid", "Patient ID", "kermany_patient_key")
-_VIEW_COLUMNS = ("view", "view_position", "View Position")
+_VIEW_COLUMNS = ("view", "view_position", "View Position", "projection")
 _DEFAULT_MASK_COLUMNS = ("mask", "lung_mask", "mask_v7labs", "mask_generalblockchain_lungs")
 """Ground-truth lung masks, in order of preference. ``mask_lungVAE`` (model-predicted) is
 deliberately absent: pass ``mask_column="mask_lungVAE"`` to use it."""
@@ -65,6 +65,15 @@ class Record:
     filename: str = ""
     mask_source: str = ""
     links: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def site(self) -> str:
+        """Where the film was taken: a ``site`` column when the csv has one, else its collection.
+
+        Results are reported per site and left-out sites judge generalisation: a
+        classifier can learn the hospital instead of the disease.
+        """
+        return str(self.extras.get("site") or "").strip() or self.source
 
     @property
     def triage_label(self) -> str | None:
@@ -204,8 +213,12 @@ def _parse_float(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
-def _parse_survival(value: Any) -> int | None:
+def _parse_survival(value: Any, died: Any = None) -> int | None:
+    """1 survived, 0 died: a ``survival`` column (Y/N, 1/0), else the inverse of a ``died`` one."""
     b = _parse_bool(value)
+    if b is None and died is not None:
+        d = _parse_bool(died)
+        return None if d is None else int(not d)
     return None if b is None else int(b)
 
 
