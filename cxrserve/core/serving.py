@@ -26,6 +26,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from cxrserve.core.errors import HTTP_PHRASES, CXRInputError, MalformedInput
 from cxrserve.core.pipeline import Item, Pipeline
 from cxrserve.core.runtime import pick_device
+from cxrserve.core.ts_kservev2 import teach_envelope
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ class CXRHandler(BaseHandler):
             import torch
 
             torch.set_num_threads(threads)
+        # Under service_envelope=kservev2 TorchServe's envelope would answer a v2 binary request 503
+        # before this handler runs (see ts_kservev2); taught here, once per worker, not on import.
+        teach_envelope()
         cls = self.pipeline_class or pipeline_class_of(model_dir)
         self.pipeline = cls(model_dir, device=device, config=config)
         self.context = context
@@ -176,10 +180,3 @@ def pipeline_class_of(model_dir: str) -> type[Pipeline]:
 
     with open(os.path.join(model_dir, "pipeline.json")) as fh:
         return import_object(json.load(fh)["pipeline_class"])
-
-
-# TorchServe's kservev2 envelope answered the v2 binary tensor extension with a 503;
-# every handler imports this module, so the envelope is taught it here (see ts_kservev2).
-from cxrserve.core.ts_kservev2 import install as _install_kservev2_binary  # noqa: E402
-
-_install_kservev2_binary()

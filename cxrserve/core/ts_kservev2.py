@@ -9,14 +9,20 @@ runs ``json.loads(body.decode("utf8"))`` on the whole body. With the binary exte
 raises ``UnicodeDecodeError`` before our handler runs, and ``ts/service.py`` turns any
 exception there into a 503 for the whole batch.
 
-:func:`install` (called when :mod:`cxrserve.core.serving` is imported, i.e. by every
-cxrserve handler inside TorchServe) wraps ``_from_json`` so that it first splits such a
-body: the JSON header is parsed, each input with ``parameters.binary_data_size`` gets its
-``data`` from the bytes that follow (BYTES elements as raw ``bytes``, numbers through
-numpy), and the envelope then proceeds as for a JSON request. A body that is neither
-v2 JSON nor a well-formed binary request is answered **400** with a message (TorchServe's
-``PredictionException``), never a 503. Responses stay JSON (TorchServe's envelope
+:func:`teach_envelope`, called by :meth:`cxrserve.core.serving.CXRHandler.initialize` (so
+only inside a TorchServe worker that serves a cxrserve model, never on import), wraps
+the envelope's ``_from_json`` so that it first splits such a body: the JSON header is
+parsed, each input with ``parameters.binary_data_size`` gets its ``data`` from the bytes
+that follow (BYTES elements as raw ``bytes``, numbers through numpy), and the envelope
+then proceeds as for a JSON request. A body that is neither v2 JSON nor a well-formed
+binary request is answered **400** with a message (TorchServe's ``PredictionException``),
+never a 503. Responses stay JSON (TorchServe's envelope
 writes only JSON; tritonclient reads a JSON answer to a binary request).
+
+Why the class's method and not a subclass: TorchServe picks the envelope class from its
+own module (``service_envelope=kservev2`` names a module), wraps the handler in it before
+calling ``initialize``, and hands ``initialize`` nothing that reaches the envelope. A
+worker process serves one model, so the class this worker teaches wraps only our handler.
 """
 from __future__ import annotations
 
@@ -115,8 +121,8 @@ def _json_length(context, idx: int) -> int | None:
     return None
 
 
-def install() -> bool:
-    """Patch TorchServe's kservev2 envelope (idempotent); False when TorchServe is absent."""
+def teach_envelope() -> bool:
+    """Teach this worker's kservev2 envelope the binary extension (idempotent); False without TorchServe."""
     try:
         from ts.torch_handler.request_envelope import kservev2
         from ts.utils.util import PredictionException
