@@ -11,6 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from cxrserve import families
+from cxrserve.families.zeroshot.presentation import finding_code
 from cxrserve.tools import dicom_results as dr
 from cxrserve.synthetic.dicomwrite import to_dicom
 from cxrserve.synthetic.phantoms import render, sample_spec
@@ -108,7 +110,7 @@ def test_sr_numbers_equal_the_response(made):
     assert nums[c["mortality_risk"].value][0] == pytest.approx(r["mortality"]["risk"])
     assert codes[c["mortality_label"].value] == c[f"mortality_{r['mortality']['risk_label']}"].value
     for label, p in r["zeroshot"]["probabilities"].items():
-        assert nums[dr.zeroshot_code(label).value][0] == pytest.approx(p)
+        assert nums[finding_code(label).value][0] == pytest.approx(p)
     assert nums[c["gate_score"].value][0] == pytest.approx(response["input_gate"]["score"])
     assert codes[c["gate_verdict"].value] == dr.gate_code(response["input_gate"]["verdict"]).value
     # TID 4019 per family: name and version of each section's model
@@ -142,12 +144,15 @@ def test_seg_mask_equals_the_served_mask(made):
 
 def test_heatmaps_are_labelled_secondary_captures(made):
     source, response, _, paths = made
-    for kind, (family, field, label) in dr.HEATMAPS.items():
+    captures = {kind: (name, p) for kind, (name, p) in families.result_pictures().items() if p.segment is None}
+    assert set(captures) == {"sc-triage", "sc-severity", "sc-mortality"}
+    for kind, (name, picture) in captures.items():
         ds = pydicom.dcmread(paths[kind])
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-        assert label in ds.SeriesDescription and label in ds.ImageComments
+        assert ds.SeriesNumber == picture.series_number
+        assert picture.label in ds.SeriesDescription and picture.label in ds.ImageComments
         assert "RESEARCH USE ONLY" in ds.ImageComments
-        served = dr.decode_png(response["results"][family][field])[..., :3]
+        served = dr.decode_png(response["results"][name.removeprefix("cxr-")][picture.field])[..., :3]
         assert np.array_equal(ds.pixel_array, served)
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 

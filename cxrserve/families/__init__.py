@@ -4,7 +4,10 @@ Every sub-package of :mod:`cxrserve.families` with a ``FAMILY`` is a family; pac
 outside it join with :func:`register` (or the ``CXRSERVE_FAMILIES`` environment
 variable, comma-separated package names, for other processes). The CLI, the store
 builder (demo and real), ``bench``, the viewer, the study model and the tests read this registry; adding
-a family is adding a folder.
+a family is adding a folder. How each served model's answer is shown and coded (SR content,
+result objects, viewer card and inputs, client flags) is read here too, from each family's
+``Presentation`` (:func:`report`, :func:`pictures`, :func:`card`, :func:`viewer_inputs`,
+:func:`flags`, :func:`concepts`).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import os
 import pkgutil
 from types import ModuleType
 
-from cxrserve.core.family import Family, Served, import_object
+from cxrserve.core.family import (CardLine, Concept, Family, Picture, Report, Served, ViewerInput,
+                                  import_object)
 
 _EXTRA: dict[str, Family] = {}
 _FOUND: dict[str, Family] | None = None
@@ -131,3 +135,71 @@ def recipe_components(kind: str) -> dict[str, dict]:
 
 def cli_modules() -> tuple[str, ...]:
     return tuple(m for f in families().values() for m in f.cli)
+
+
+# --------------------------------------------------------------------------- presentation
+def report(name: str) -> Report | None:
+    """The SR measurement group a served model's answer becomes, or None (not in the SR)."""
+    family, _ = get_served(name)
+    return family.shows().reports.get(name)
+
+
+def pictures(name: str) -> tuple[Picture, ...]:
+    """The pictures a served model can answer (option, response field, result object)."""
+    family, _ = get_served(name)
+    return tuple(family.shows().pictures.get(name, ()))
+
+
+def result_pictures() -> dict[str, tuple[str, Picture]]:
+    """Result object kind -> (served name, picture), every family, registry order; kinds and
+    series numbers are unique (a PACS tells result series apart by them)."""
+    out: dict[str, tuple[str, Picture]] = {}
+    numbers: dict[int, str] = {}
+    for name in served():
+        for picture in pictures(name):
+            if not picture.kind:
+                continue
+            if picture.kind in out or picture.series_number in numbers:
+                raise KeyError(f"result kind {picture.kind!r} / series {picture.series_number} declared twice")
+            out[picture.kind] = (name, picture)
+            numbers[picture.series_number] = picture.kind
+    return out
+
+
+def card(name: str) -> tuple[CardLine, ...]:
+    """The viewer card lines of a served model (empty: the viewer lists the raw fields)."""
+    family, _ = get_served(name)
+    return tuple(family.shows().cards.get(name, ()))
+
+
+def viewer_inputs() -> dict[str, ViewerInput]:
+    """Extra inputs the viewer's form may offer, by request field, every family."""
+    out: dict[str, ViewerInput] = {}
+    for f in families().values():
+        for entry in f.shows().inputs:
+            out.setdefault(entry.name, entry)
+    return out
+
+
+def flags() -> dict[str, str]:
+    """Boolean request options the client offers as ``--<option>`` -> help: every picture's
+    option (with the models that have it) and each family's own flags."""
+    out: dict[str, list[str]] = {}
+    for name in served():
+        for picture in pictures(name):
+            out.setdefault(picture.option, []).append(name)
+    helps = {option: f"ask for the {option} PNG ({', '.join(names)})" for option, names in out.items()}
+    for f in families().values():
+        for flag in f.shows().flags:
+            helps.setdefault(flag.option, flag.help)
+    return helps
+
+
+def concepts() -> dict[str, Concept]:
+    """Every family's coded concepts by key (the code table of ``docs/DICOM.md``); a key means one concept."""
+    out: dict[str, Concept] = {}
+    for f in families().values():
+        for key, concept in f.shows().codes.items():
+            if out.setdefault(key, concept) != concept:
+                raise KeyError(f"concept {key!r} declared twice with different codes")
+    return out

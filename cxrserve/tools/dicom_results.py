@@ -1,4 +1,4 @@
-"""DICOM result objects from a ``cxr-study`` response: SR (TID 1500), lung SEG, heatmap SCs.
+"""DICOM result objects from a ``cxr-study`` response: SR (TID 1500), SEGs of masks, SCs of heatmaps.
 
 >>> objs = build_results(source_ds, study_response)      # list[pydicom.Dataset]
 >>> write_results(objs, "out/")                            # one .dcm per object
@@ -13,13 +13,18 @@ two result sets.
 Objects (``kind`` -> what):
 
 * ``sr``: Comprehensive SR, TID 1500 Measurement Report referencing the source image;
-  one measurement group (TID 1501) per family, each with its TID 4019 algorithm
-  identification (name, version, parameters: weights demo/trained, research use only),
-  plus one group for the input gate verdict. Codes: :data:`CODES` (``docs/DICOM.md``).
-* ``seg``: binary Segmentation of the lungs at the source geometry (``results.lungseg.mask_png``).
-* ``sc-triage`` / ``sc-severity`` / ``sc-mortality``: Secondary Capture of the Grad-CAM,
-  saliency and mortality CAM PNGs, labelled in SeriesDescription, ImageComments and
+  one measurement group (TID 1501) per section whose family declares a ``Report``, each
+  with its TID 4019 algorithm identification (name, version, parameters: weights
+  demo/trained, research use only), plus one group for the input gate verdict.
+* one object per declared result picture present in the response (``Picture.kind``): a
+  binary Segmentation at the source geometry for a mask (``Picture.segment``), else an
+  RGB Secondary Capture labelled in SeriesDescription, ImageComments and
   DerivationDescription.
+
+What each family's section becomes (its NUM and CODE items, codes, pictures, series
+numbers) is declared in its folder (``presentation.py``) and read through the registry;
+this module holds only what every report shares (:data:`SHARED_CODES`, the gate group,
+the research-use statement). Codes: :data:`CODES` (``docs/DICOM.md``).
 
 Responses that are a 4xx error body (decode or gate rejection, lateral, non-chest) make
 no objects: :func:`not_processed_reason` says why, for the caller's audit log.
@@ -32,6 +37,7 @@ import io
 import logging
 import re
 from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,113 +46,90 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
+from cxrserve.core.family import (NO_UNITS, PRIVATE_SCHEME, Coded, Concept, Num, NumEach, Picture, Report,
+                                  import_object)
+
 log = logging.getLogger(__name__)
 
-#: Private coding scheme (PS3.16 8.2: private designators start with "99").
-PRIVATE_SCHEME = "99CXRSRV"
 PRIVATE_SCHEME_NAME = "cxrserve result concepts"
 PRIVATE_SCHEME_VERSION = "1"
 MANUFACTURER = "cxrserve"
 RESEARCH_NOTICE = ("RESEARCH USE ONLY: produced by cxrserve AI models that are not cleared or approved "
                    "for clinical use; not for diagnosis or treatment decisions.")
 
-#: Series numbers of the result objects (one series per kind of object).
-SERIES_NUMBERS = {"sr": 9901, "seg": 9902, "sc-triage": 9903, "sc-severity": 9904, "sc-mortality": 9905}
-KINDS = tuple(SERIES_NUMBERS)
+#: Series number of the SR; each picture's result object declares its own (``Picture.series_number``).
+SR_SERIES_NUMBER = 9901
 
 
 def _p(value: str, meaning: str) -> Code:
     return Code(value, PRIVATE_SCHEME, meaning)
 
 
-#: Every concept the SR uses. Standard codes where one exists (SCT, DCM, UCUM), the
-#: private scheme for the model outputs that have no standard concept.
-CODES = {
-    # standard
+def code(concept: Concept) -> Code:
+    return Code(concept.value, concept.scheme, concept.meaning)
+
+
+#: Concepts every report uses, whichever families answered. Each family's own concepts
+#: are in its ``presentation.py`` (``Presentation.codes``, read through the registry).
+SHARED_CODES = {
     "procedure": Code("399208008", "SCT", "Plain chest X-ray"),
     "lung": Code("39607008", "SCT", "Lung"),
-    "anatomical_structure": Code("91723000", "SCT", "Anatomical Structure"),
     "ai": Code("123110", "DCM", "Artificial Intelligence"),
     "yes": Code("373066001", "SCT", "Yes"),
     "no": Code("373067005", "SCT", "No"),
-    "class_covid19": Code("840539006", "SCT", "COVID-19"),
-    "class_normal": Code("17621005", "SCT", "Normal"),
-    "class_pneumonia": Code("233604007", "SCT", "Pneumonia"),
-    "change_worse": Code("230993007", "SCT", "Worsening"),
-    "change_better": Code("385425000", "SCT", "Improved"),
-    "change_stable": Code("260388006", "SCT", "No status change"),
-    # private: model outputs
-    "triage_class": _p("CXR0001", "Chest X-ray triage class"),
-    "p_covid19": _p("CXR0002", "Probability of COVID-19 pattern"),
-    "p_normal": _p("CXR0003", "Probability of normal chest X-ray"),
-    "p_pneumonia": _p("CXR0004", "Probability of non-COVID pneumonia pattern"),
-    "pxs": _p("CXR0010", "Pulmonary X-ray severity score"),
-    "pxs_percentile": _p("CXR0011", "PXS percentile in normal reference pool"),
-    "prior_pxs": _p("CXR0012", "PXS of prior study"),
-    "prior_pxs_percentile": _p("CXR0013", "PXS percentile of prior study"),
-    "pxs_difference": _p("CXR0014", "PXS difference from prior study"),
-    "pxs_distance": _p("CXR0015", "Embedding distance from prior study"),
-    "pxs_change": _p("CXR0016", "Change since prior study"),
-    "pxs_change_threshold": _p("CXR0017", "PXS change threshold"),
-    "geographic_extent": _p("CXR0020", "Geographic extent score (0-8)"),
-    "opacity": _p("CXR0021", "Opacity score (0-6)"),
-    "lung_opacity_probability": _p("CXR0022", "Probability of lung opacity"),
-    "mortality_risk": _p("CXR0030", "Predicted mortality risk"),
-    "mortality_label": _p("CXR0031", "Mortality risk category"),
-    "mortality_high": _p("CXR0032", "High mortality risk"),
-    "mortality_low": _p("CXR0033", "Low mortality risk"),
-    "mortality_threshold": _p("CXR0034", "High mortality risk threshold"),
     "gate_verdict": _p("CXR0050", "Input gate verdict"),
     "gate_score": _p("CXR0051", "Probability of frontal chest radiograph"),
     "gate_enforced": _p("CXR0053", "Input gate enforced"),
-    "lung_area_fraction": _p("CXR0060", "Lung area fraction of image"),
-    "segmentation_confidence": _p("CXR0061", "Lung segmentation confidence"),
     "research_only": _p("CXR0090", "Research use only"),
     "demo_weights": _p("CXR0091", "Demo model weights"),
     "research_statement": _p("CXR0092", "Research use statement"),
     "qualitative_container": Code("C0034375", "UMLS", "Qualitative Evaluations"),
-    # tracking / finding types of the groups
-    "family_lungseg": _p("CXR0100", "Lung segmentation"),
-    "family_triage": _p("CXR0101", "Triage classification"),
-    "family_pxs": _p("CXR0102", "Pulmonary X-ray severity"),
-    "family_severity": _p("CXR0103", "Lung opacity severity"),
-    "family_mortality": _p("CXR0104", "Mortality risk prediction"),
-    "family_zeroshot": _p("CXR0105", "Zero-shot findings"),
     "family_gate": _p("CXR0106", "Input quality gate"),
 }
-UNITS = {
-    "probability": Code("1", "UCUM", "no units"),
-    "percent": Code("%", "UCUM", "Percent"),
-    "score": Code("{score}", "UCUM", "score"),
-}
-#: zero-shot labels with a SNOMED CT finding; the others get a private code ZS<hash>.
-ZEROSHOT_SCT = {
-    "atelectasis": Code("46621007", "SCT", "Atelectasis"),
-    "cardiomegaly": Code("8186001", "SCT", "Cardiomegaly"),
-    "consolidation": Code("95436008", "SCT", "Lung consolidation"),
-    "edema": Code("19242006", "SCT", "Pulmonary edema"),
-    "pleural effusion": Code("60046008", "SCT", "Pleural effusion"),
-    "pneumonia": Code("233604007", "SCT", "Pneumonia"),
-    "pneumothorax": Code("36118008", "SCT", "Pneumothorax"),
-    "fracture": Code("125605004", "SCT", "Fracture of bone"),
-}
+
+
+class _Codes(Mapping):
+    """:data:`SHARED_CODES` and every registered family's codes, by key (the registry is read
+    at each lookup, so a family registered later is found)."""
+
+    def _table(self) -> dict[str, Code]:
+        from cxrserve import families
+
+        return {**SHARED_CODES, **{key: code(c) for key, c in families.concepts().items()}}
+
+    def __getitem__(self, key: str) -> Code:
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+#: Every concept the SR uses, shared and per family (``docs/DICOM.md``'s code table).
+CODES: Mapping[str, Code] = _Codes()
 GATE_VERDICTS = {"frontal_cxr": _p("CXR0052", "Frontal chest radiograph")}
-#: Study sections this module maps to coded SR content (the code table in docs/DICOM.md);
-#: sections come in the registry's order and a section without a mapping is skipped.
-MAPPED_SECTIONS = frozenset(("lungseg", "triage", "pxs", "severity", "mortality", "zeroshot"))
 
 
-def section_order(results: dict) -> list[str]:
-    """The response's sections in the family registry's order (what the SR lists first)."""
+def series_numbers() -> dict[str, int]:
+    """Result kind -> series number: the SR's, then each declared picture object's (registry order)."""
     from cxrserve import families
 
-    order = [s.key for _, s in families.served().values()]
-    return sorted((k for k in results if k in MAPPED_SECTIONS), key=lambda k: order.index(k) if k in order else len(order))
-HEATMAPS = {  # kind -> (family, field, label)
-    "sc-triage": ("triage", "heatmap_png", "Triage Grad-CAM heatmap"),
-    "sc-severity": ("severity", "saliency_png", "Severity saliency map"),
-    "sc-mortality": ("mortality", "overlay_png", "Mortality risk Grad-CAM"),
-}
+    return {"sr": SR_SERIES_NUMBER, **{kind: p.series_number for kind, (_, p) in families.result_pictures().items()}}
+
+
+def reported_sections(results: dict) -> list[tuple[str, str, Report]]:
+    """``(section key, served name, report)`` of the response's sections that the SR codes, in
+    the family registry's order (what the SR lists first); a section without a report is skipped."""
+    from cxrserve import families
+
+    out = []
+    for name, (_, served) in families.served().items():
+        report = families.report(name)
+        if served.key in results and report is not None:
+            out.append((served.key, name, report))
+    return out
 
 
 class NotProcessed(Exception):
@@ -166,15 +149,6 @@ def result_uid(source_sop_uid: str, model_version: str, kind: str, what: str = "
     text = "\x1f".join(["cxrserve-results-v1", str(source_sop_uid), str(model_version), kind, what])
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return "2.25." + str(int.from_bytes(digest[:16], "big") >> 1)
-
-
-def zeroshot_code(label: str) -> Code:
-    """The finding concept of a zero-shot label: SNOMED CT when mapped, else private ``ZS<hash>``."""
-    key = label.strip().lower()
-    if key in ZEROSHOT_SCT:
-        return ZEROSHOT_SCT[key]
-    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:10].upper()
-    return _p(f"ZS{digest}", label.strip()[:64] or "unnamed")
 
 
 def gate_code(verdict: str) -> Code:
@@ -217,20 +191,19 @@ def mask_from_png(b64: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- SR
-def _algorithm(family: str, section: dict):
+def _algorithm(name: str, section: dict):
     import highdicom as hd
 
     params = [f"weights: {'demo' if _is_demo(section) else 'trained'}", "research use only: yes"]
-    return hd.sr.AlgorithmIdentification(name=section.get("model", f"cxr-{family}"),
+    return hd.sr.AlgorithmIdentification(name=section.get("model", name),
                                          version=str(section.get("model_version", "unknown"))[:64],
                                          parameters=params, family=CODES["ai"], manufacturer=MANUFACTURER)
 
 
-def _m(key: str, value, unit: str, algorithm):
+def _m(name: Code, value, unit: Code, algorithm):
     import highdicom as hd
 
-    return hd.sr.Measurement(name=CODES[key] if isinstance(key, str) else key, value=float(value),
-                             unit=UNITS[unit], algorithm_id=algorithm)
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm)
 
 
 def _q(name: Code, value: Code):
@@ -239,45 +212,37 @@ def _q(name: Code, value: Code):
     return hd.sr.QualitativeEvaluation(name=name, value=value)
 
 
-def _family_items(family: str, s: dict, algorithm) -> tuple[list, list]:
-    """(measurements, qualitative evaluations) of one family section."""
+_MISSING = object()
+
+
+def _at(section: dict, path: str, default=_MISSING):
+    """The value at a dotted path of a section; a missing step is ``default``, or a KeyError without one."""
+    value = section
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            if default is _MISSING:
+                raise KeyError(f"{path!r} missing from the answer")
+            return default
+        value = value[part]
+    return value
+
+
+def _family_items(report: Report, s: dict, algorithm) -> tuple[list, list]:
+    """(measurements, qualitative evaluations) of one section, as its family's report declares."""
     m, q = [], []
-    if family == "lungseg":
-        if s.get("lung_area_fraction") is not None:
-            m.append(_m("lung_area_fraction", s["lung_area_fraction"], "probability", algorithm))
-        if s.get("segmentation_confidence") is not None:
-            m.append(_m("segmentation_confidence", s["segmentation_confidence"], "probability", algorithm))
-    elif family == "triage":
-        for cls in ("covid19", "normal", "pneumonia"):
-            m.append(_m(f"p_{cls}", s["probabilities"][cls], "probability", algorithm))
-        q.append(_q(CODES["triage_class"], CODES[f"class_{s['label']}"]))
-    elif family == "pxs":
-        m.append(_m("pxs", s["pxs"], "score", algorithm))
-        if s.get("pxs_percentile") is not None:
-            m.append(_m("pxs_percentile", s["pxs_percentile"], "percent", algorithm))
-        prior, change = s.get("prior"), s.get("change")
-        if prior:
-            m.append(_m("prior_pxs", prior["pxs"], "score", algorithm))
-            if prior.get("pxs_percentile") is not None:
-                m.append(_m("prior_pxs_percentile", prior["pxs_percentile"], "percent", algorithm))
-        if change:
-            m.append(_m("pxs_difference", change["pxs_difference"], "score", algorithm))
-            m.append(_m("pxs_distance", change["distance"], "score", algorithm))
-            m.append(_m("pxs_change_threshold", change["threshold"], "score", algorithm))
-            q.append(_q(CODES["pxs_change"], CODES[f"change_{change['direction']}"]))
-    elif family == "severity":
-        m.append(_m("geographic_extent", s["geographic_extent"], "score", algorithm))
-        m.append(_m("opacity", s["opacity"], "score", algorithm))
-        if s.get("lung_opacity_probability") is not None:
-            m.append(_m("lung_opacity_probability", s["lung_opacity_probability"], "probability", algorithm))
-    elif family == "mortality":
-        m.append(_m("mortality_risk", s["risk"], "probability", algorithm))
-        if s.get("threshold") is not None:
-            m.append(_m("mortality_threshold", s["threshold"], "probability", algorithm))
-        q.append(_q(CODES["mortality_label"], CODES[f"mortality_{s['risk_label']}"]))
-    elif family == "zeroshot":
-        for label, p in (s.get("probabilities") or {}).items():
-            m.append(_m(zeroshot_code(label), p, "probability", algorithm))
+    for item in report.items:
+        if getattr(item, "when", "") and not _at(s, item.when, None):
+            continue
+        if isinstance(item, Num):
+            value = _at(s, item.field, None) if item.optional else _at(s, item.field)
+            if not (item.optional and value is None):
+                m.append(_m(code(item.concept), value, code(item.unit), algorithm))
+        elif isinstance(item, Coded):
+            q.append(_q(code(item.concept), code(item.values[_at(s, item.field)])))
+        elif isinstance(item, NumEach):
+            coder = import_object(item.coder)
+            for name, value in (_at(s, item.field, None) or {}).items():
+                m.append(_m(code(coder(name)), value, code(item.unit), algorithm))
     q.append(_q(CODES["research_only"], CODES["yes"]))
     q.append(_q(CODES["demo_weights"], CODES["yes"] if _is_demo(s) else CODES["no"]))
     return m, q
@@ -292,17 +257,17 @@ def build_sr(source: Dataset, response: dict) -> Dataset:
     results = response["results"]
     image_ref = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
     groups = []
-    for family in section_order(results):
-        section = results.get(family)
+    for key, name, report in reported_sections(results):
+        section = results.get(key)
         if not _section_ok(section):
             continue
-        algorithm = _algorithm(family, section)
-        measurements, qualitative = _family_items(family, section, algorithm)
+        algorithm = _algorithm(name, section)
+        measurements, qualitative = _family_items(report, section, algorithm)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(sop, version, "sr", f"track-{family}"),
-                                                         identifier=f"cxrserve {family}"),
-            finding_type=CODES[f"family_{family}"], algorithm_id=algorithm,
-            finding_sites=[hd.sr.FindingSite(CODES["lung"])] if family != "zeroshot" else None,
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(sop, version, "sr", f"track-{key}"),
+                                                         identifier=f"cxrserve {key}"),
+            finding_type=code(report.finding), algorithm_id=algorithm,
+            finding_sites=[hd.sr.FindingSite(CODES["lung"])] if report.lung_site else None,
             measurements=measurements or None, qualitative_evaluations=qualitative or None,
             source_images=[image_ref]))
     gate = response.get("input_gate")
@@ -313,7 +278,8 @@ def build_sr(source: Dataset, response: dict) -> Dataset:
                                                  family=CODES["ai"], manufacturer=MANUFACTURER)
         gate_q = [_q(CODES["gate_verdict"], gate_code(str(gate.get("verdict", "unknown")))),
                   _q(CODES["gate_enforced"], CODES["yes"] if gate.get("enforced") else CODES["no"])]
-        gate_m = [_m("gate_score", gate["score"], "probability", gate_alg)] if gate.get("score") is not None else None
+        gate_m = ([_m(CODES["gate_score"], gate["score"], code(NO_UNITS), gate_alg)]
+                  if gate.get("score") is not None else None)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=result_uid(sop, version, "sr", "track-gate"),
                                                          identifier="cxrserve input gate"),
@@ -345,7 +311,7 @@ def build_sr(source: Dataset, response: dict) -> Dataset:
     root.ContentSequence.append(container)
     sr = hd.sr.ComprehensiveSR(
         evidence=[source], content=report[0], series_instance_uid=result_uid(sop, version, "sr", "series"),
-        series_number=SERIES_NUMBERS["sr"], sop_instance_uid=result_uid(sop, version, "sr"), instance_number=1,
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=result_uid(sop, version, "sr"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
         series_description="AI results (cxrserve) - RESEARCH USE ONLY")
     _add_coding_scheme(sr)
@@ -361,29 +327,45 @@ def _add_coding_scheme(ds: Dataset) -> None:
     ds.CodingSchemeIdentificationSequence = DicomSequence([item])
 
 
+def _pictures(response: dict, segmentations: bool) -> list[tuple[str, str, dict, Picture]]:
+    """``(kind, section key, section, picture)`` of the declared result pictures present in the response."""
+    from cxrserve import families
+
+    out = []
+    for kind, (name, picture) in families.result_pictures().items():
+        key = families.get_served(name)[1].key
+        section = response["results"].get(key)
+        if (picture.segment is not None) == segmentations and _section_ok(section) and section.get(picture.field):
+            out.append((kind, key, section, picture))
+    return out
+
+
 # --------------------------------------------------------------------------- SEG
-def build_seg(source: Dataset, response: dict) -> Dataset | None:
-    """Binary lung Segmentation at the source geometry, or None without a mask."""
+def build_segs(source: Dataset, response: dict) -> list[Dataset]:
+    """One binary Segmentation at the source geometry per mask picture present in the response."""
+    return [_seg(source, response, kind, key, section, picture)
+            for kind, key, section, picture in _pictures(response, segmentations=True)]
+
+
+def _seg(source: Dataset, response: dict, kind: str, key: str, section: dict, picture: Picture) -> Dataset:
     import highdicom as hd
 
-    section = response["results"].get("lungseg")
-    if not _section_ok(section) or not section.get("mask_png"):
-        return None
-    mask = mask_from_png(section["mask_png"])
+    segment = picture.segment
+    mask = mask_from_png(section[picture.field])
     rows, cols = int(source.Rows), int(source.Columns)
     if mask.shape != (rows, cols):
-        raise ValueError(f"lung mask is {mask.shape[1]}x{mask.shape[0]}, the source image {cols}x{rows}")
+        raise ValueError(f"{segment.label} mask is {mask.shape[1]}x{mask.shape[0]}, the source image {cols}x{rows}")
     sop = str(source.SOPInstanceUID)
     version = str(response.get("model_version", "unknown"))
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=section.get("model", "lungseg"), family=CODES["ai"],
+        name=section.get("model", key), family=CODES["ai"],
         version=str(section.get("model_version", "unknown"))[:64],
         parameters={"weights": "demo" if _is_demo(section) else "trained", "research_use_only": "yes"})
     description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="Lungs", segmented_property_category=CODES["anatomical_structure"],
-        segmented_property_type=CODES["lung"], algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        segment_number=1, segment_label=segment.label, segmented_property_category=code(segment.category),
+        segmented_property_type=code(segment.type), algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
-        tracking_uid=result_uid(sop, version, "seg", "track"), tracking_id="cxrserve lungs")
+        tracking_uid=result_uid(sop, version, kind, "track"), tracking_id=segment.tracking_id)
     geometry = source
     if "PixelSpacing" in source and "SliceThickness" not in source:
         # highdicom turns a projection film's PixelSpacing into a Pixel Measures item without
@@ -396,12 +378,11 @@ def build_seg(source: Dataset, response: dict) -> Dataset | None:
     seg = hd.seg.Segmentation(
         source_images=[geometry], pixel_array=mask[None].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[description],
-        series_instance_uid=result_uid(sop, version, "seg", "series"), series_number=SERIES_NUMBERS["seg"],
-        sop_instance_uid=result_uid(sop, version, "seg"), instance_number=1, manufacturer=MANUFACTURER,
-        manufacturer_model_name=str(section.get("model", "lungseg")), software_versions=str(section.get("model_version", "unknown"))[:64],
-        device_serial_number="0", content_label="LUNGS", omit_empty_frames=False,
-        content_description="Lung segmentation (AI) - RESEARCH USE ONLY",
-        series_description="AI lung segmentation (cxrserve) - RESEARCH USE ONLY")
+        series_instance_uid=result_uid(sop, version, kind, "series"), series_number=picture.series_number,
+        sop_instance_uid=result_uid(sop, version, kind), instance_number=1, manufacturer=MANUFACTURER,
+        manufacturer_model_name=str(section.get("model", key)), software_versions=str(section.get("model_version", "unknown"))[:64],
+        device_serial_number="0", content_label=segment.content_label, omit_empty_frames=False,
+        content_description=segment.content_description, series_description=segment.series_description)
     if "PatientOrientation" not in seg:
         seg.PatientOrientation = list(_orientation(source))
     return seg
@@ -409,26 +390,24 @@ def build_seg(source: Dataset, response: dict) -> Dataset | None:
 
 # --------------------------------------------------------------------------- SC
 def build_heatmaps(source: Dataset, response: dict) -> list[Dataset]:
-    """One Secondary Capture per heatmap PNG present in the response."""
+    """One Secondary Capture per declared picture (not a mask) present in the response."""
     import highdicom as hd
 
     out = []
     sop = str(source.SOPInstanceUID)
     version = str(response.get("model_version", "unknown"))
     orientation = _orientation(source)
-    for kind, (family, field, label) in HEATMAPS.items():
-        section = response["results"].get(family)
-        if not _section_ok(section) or not section.get(field):
-            continue
-        pixels = decode_png(section[field])
+    for kind, key, section, picture in _pictures(response, segmentations=False):
+        label = picture.label
+        pixels = decode_png(section[picture.field])
         if pixels.ndim == 2:
             pixels = np.stack([pixels] * 3, axis=-1)
         pixels = np.ascontiguousarray(pixels[..., :3].astype(np.uint8))
-        what = f"{label} ({section.get('model', family)} {section.get('model_version', '')})".strip()
+        what = f"{label} ({section.get('model', key)} {section.get('model_version', '')})".strip()
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=result_uid(sop, version, kind, "series"),
-            series_number=SERIES_NUMBERS[kind], sop_instance_uid=result_uid(sop, version, kind), instance_number=1,
+            series_number=picture.series_number, sop_instance_uid=result_uid(sop, version, kind), instance_number=1,
             manufacturer=MANUFACTURER, patient_orientation=orientation, transfer_syntax_uid="1.2.840.10008.1.2.1",
             series_description=f"AI {label} - RESEARCH USE ONLY"[:64])
         sc.ImageComments = f"{what}. {RESEARCH_NOTICE}"[:10240]
@@ -573,16 +552,14 @@ def build_results(source: Dataset, response: dict) -> list[Dataset]:
         raise NotProcessed(reason, int(response.get("status") or 422))
     source = clean_source(source)
     objects = [build_sr(source, response)]
-    seg = build_seg(source, response)
-    if seg is not None:
-        objects.append(seg)
+    objects.extend(build_segs(source, response))
     objects.extend(build_heatmaps(source, response))
     return objects
 
 
 def kind_of(ds: Dataset) -> str:
     """The result kind of an object made here (from its Series Number)."""
-    for kind, number in SERIES_NUMBERS.items():
+    for kind, number in series_numbers().items():
         if int(ds.get("SeriesNumber", 0) or 0) == number:
             return kind
     return "unknown"

@@ -7,6 +7,7 @@ from cxrserve.core.family import Family, Served
 FAMILY = Family(
     name="mortality",
     package=__name__,
+    presentation="cxrserve.families.mortality.presentation:PRESENTATION",
     rank=40,
     served=(
         Served(name="cxr-mortality", pipeline="cxrserve.families.mortality.pipeline:MortalityPipeline",

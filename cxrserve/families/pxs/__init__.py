@@ -9,6 +9,7 @@ from cxrserve.core.family import Family, Served
 FAMILY = Family(
     name="pxs",
     package=__name__,
+    presentation="cxrserve.families.pxs.presentation:PRESENTATION",
     rank=20,
     served=(
         Served(name="cxr-pxs", pipeline="cxrserve.families.pxs.pipeline:PXSPipeline",

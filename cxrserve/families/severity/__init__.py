@@ -8,6 +8,7 @@ from cxrserve.core.family import Family, Served
 FAMILY = Family(
     name="severity",
     package=__name__,
+    presentation="cxrserve.families.severity.presentation:PRESENTATION",
     rank=30,
     served=(
         Served(name="cxr-severity", pipeline="cxrserve.families.severity.pipeline:SeverityPipeline",

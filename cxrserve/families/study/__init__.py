@@ -9,6 +9,7 @@ from cxrserve.core.family import Family, Served
 FAMILY = Family(
     name="study",
     package=__name__,
+    presentation="cxrserve.families.study.presentation:PRESENTATION",
     rank=1,
     served=(
         Served(name="cxr-study", pipeline="cxrserve.families.study.pipeline:StudyPipeline", components=(),

@@ -9,6 +9,7 @@ from cxrserve.core.family import Family, Served
 FAMILY = Family(
     name="triage",
     package=__name__,
+    presentation="cxrserve.families.triage.presentation:PRESENTATION",
     rank=10,
     served=(
         Served(name="cxr-lungseg", pipeline="cxrserve.families.triage.pipeline:LungSegPipeline",

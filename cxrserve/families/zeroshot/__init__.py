@@ -9,6 +9,7 @@ from cxrserve.families.zeroshot.labels import CHEXPERT_LABELS
 FAMILY = Family(
     name="zeroshot",
     package=__name__,
+    presentation="cxrserve.families.zeroshot.presentation:PRESENTATION",
     rank=50,
     served=(
         Served(name="cxr-zeroshot", pipeline="cxrserve.families.zeroshot.pipeline:ZeroShotPipeline",
