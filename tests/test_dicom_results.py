@@ -119,7 +119,7 @@ def test_sr_numbers_equal_the_response(made):
         assert named[r[family]["model"]] == r[family]["model_version"]
     # demo weights are flagged; the SR says research use only
     assert codes[c["demo_weights"].value] == c["yes"].value
-    assert codes[c["research_only"].value] == c["yes"].value
+    assert codes[c["research_use"].value] == c["yes"].value
     ds = pydicom.dcmread(paths["sr"])
     texts = [it.TextValue for it in ds.ContentSequence[-1].ContentSequence]
     assert texts == [dr.RESEARCH_NOTICE]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
+import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -10,7 +13,8 @@ import pytest
 from cxrserve import families
 from cxrserve.packaging.closure import _imports
 
-PACKAGE = Path(__file__).resolve().parents[1] / "cxrserve"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "cxrserve"
 
 #: Which layers a module of each layer may import (besides itself and the package root).
 ALLOWED = {
@@ -113,21 +117,152 @@ def test_no_import_cycles():
     assert not cycles, "\n".join(cycles)
 
 
-def test_family_names_live_only_in_their_folders():
-    """Outside its folder no code names a family's served models or tasks (the registry is read instead)."""
-    names = set()
-    for family in families.families().values():
-        names.update(s.name for s in family.served)
+# --------------------------------------------------------------------------- family names
+#: The shared layers, which read the families through the registry and name none of them.
+SHARED = ("core", "packaging", "tools")
+SOURCE_SUFFIXES = (".py", ".js", ".html")
+#: Fields every answer has, whatever the family (the core's common response and error body).
+COMMON_SCHEMAS = (REPO / "docs" / "schemas" / "common.schema.json", REPO / "docs" / "schemas" / "error.schema.json")
+#: Left for now, and listed so that nothing joins them: the core's named preprocessing
+#: pipelines (a card names its pipeline; they move into their families with issue 21's
+#: next step) and the metrics' maps of scores read by field name.
+KNOWN = {"core/transforms.py": {"lungseg", "triage", "pxs", "mortality"}, "core/fastdecode.py": {"triage"},
+         "core/servemetrics.py": {"probabilities"}}
+#: Card placeholders: ``{path}`` or ``{path:fmt}``; ``{{`` is a brace.
+PLACEHOLDER = re.compile(r"\{([^{}:]+)(?::[^{}]*)?\}")
+#: JavaScript: comments (dropped), string literals, then identifiers with the character before them.
+JS_TOKEN = re.compile(r"//[^\n]*|/\*.*?\*/|(\"(?:\\.|[^\"\\])*\"|'(?:\\.|[^'\\])*'|`(?:\\.|[^`\\])*`)|([.\w$])?([A-Za-z_$][\w$]*)",
+                      re.S)
+
+
+def _schema_names(node) -> set[str]:
+    out: set[str] = set()
+    if isinstance(node, dict):
+        out.update(node.get("properties", {}) if isinstance(node.get("properties"), dict) else ())
+        for value in node.values():
+            out |= _schema_names(value)
+    elif isinstance(node, list):
+        for value in node:
+            out |= _schema_names(value)
+    return out
+
+
+def family_vocabulary() -> tuple[set[str], set[str], set[str]]:
+    """(served names, section keys, response fields) that belong to the families.
+
+    Fields: every top-level field a family's declarations read from an answer (report items,
+    pictures, card lines, headline paths) and its picture options and flags, less the common
+    response's fields (docs/schemas), the request inputs (``prior``: the client's API) and the
+    words of the declaration types themselves (``label`` is a ``CardLine`` field too).
+    """
+    from cxrserve.core import family as declared
+
+    names = set(families.served())
+    keys = {s.key for _, s in families.served().values() if not s.compose}
+    fields: set[str] = set()
+
+    def path(text: str) -> None:  # the answer's own field (``change`` of ``change.direction``)
+        if text:
+            fields.add(text.split(".")[0])
+
+    for name, (family, served) in families.served().items():
+        for item in (families.report(name).items if families.report(name) else ()):
+            path(item.field)
+            path(getattr(item, "when", ""))
+        for picture in families.pictures(name):
+            fields.update((picture.field, picture.option))
+        for line in families.card(name):
+            for text in (line.text.replace("{{", "").replace("}}", ""), ):
+                for found in PLACEHOLDER.findall(text) if line.kind != "bars" else [text]:
+                    path(found)
+            path(line.when)
+            if line.kind == "tag":
+                path(line.label)
+        for headline in served.headline:
+            path(headline)
+        fields.update(flag.option for flag in family.shows().flags)
+    common = set().union(*(_schema_names(json.loads(p.read_text())) for p in COMMON_SCHEMAS))
+    vocabulary = {f.name for cls in vars(declared).values() if dataclasses.is_dataclass(cls)
+                  for f in dataclasses.fields(cls)}
+    return names, keys, fields - common - set(families.viewer_inputs()) - vocabulary
+
+
+def _hits(text: str, names: set[str], keys: set[str], fields: set[str], *, words: bool) -> list[str]:
+    """What of the vocabulary one string of code names: a served name or a section key anywhere
+    in it (``sc-triage`` names triage), a field as the whole string or a dotted part of it
+    (``words``: as any word, for page text)."""
+    found = [n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text)]
+    found += [k for k in keys if re.search(rf"(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])", text, re.I)]
+    parts = set(re.findall(r"[\w-]+", text)) if words else set(text.split("."))
+    return found + sorted(parts & fields)
+
+
+def _python_strings(path: Path):
+    """``(line, text)`` of every string constant that is code, not a docstring."""
+    tree = ast.parse(path.read_text())
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node.lineno, node.value
+
+
+def family_names_in(root: Path) -> list[str]:
+    """Every place under ``root``'s shared layers where code names a family, a served model or a
+    field a family declares: strings in Python (docstrings and comments are documentation),
+    strings and identifiers in JavaScript (comments dropped), and the text of HTML pages."""
+    names, keys, fields = family_vocabulary()
     offenders = []
-    for path in PACKAGE.rglob("*.py"):
-        rel = path.relative_to(PACKAGE)
-        if rel.parts[0] == "families" and len(rel.parts) > 2 or "__pycache__" in rel.parts:
-            continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
-                offenders.append(f"{rel}:{node.lineno} {node.value!r}")
+    for folder in SHARED:
+        for path in sorted((root / folder).rglob("*")):
+            if path.suffix not in SOURCE_SUFFIXES or "__pycache__" in path.parts:
+                continue
+            rel = path.relative_to(root)
+            known = KNOWN.get(rel.as_posix(), set()) if root == PACKAGE else set()
+            if path.suffix == ".py":
+                for line, text in _python_strings(path):
+                    offenders += [f"{rel}:{line} {hit!r} in {text[:50]!r}" for hit in
+                                  _hits(text, names, keys, fields, words=False) if hit not in known]
+            elif path.suffix == ".js":
+                source = path.read_text()
+                for match in JS_TOKEN.finditer(source):
+                    string, before, identifier = match.groups()
+                    line = source.count("\n", 0, match.start()) + 1
+                    if string:
+                        hits = _hits(string[1:-1], names, keys, fields, words=string[0] == "`")
+                    elif identifier:  # a property (``r.risk``) may name a field; any identifier a key
+                        hits = [identifier] if identifier in keys or (before == "." and identifier in fields) else []
+                    else:
+                        continue
+                    offenders += [f"{rel}:{line} {hit!r}" for hit in hits]
+            else:
+                text = re.sub(r"<!--.*?-->", "", path.read_text(), flags=re.S)
+                for number, line in enumerate(text.splitlines(), 1):
+                    offenders += [f"{rel}:{number} {hit!r}" for hit in _hits(line, names, keys, fields, words=True)]
+    return offenders
+
+
+def test_family_names_live_only_in_their_folders():
+    """Outside the family folders and the registry, the shared layers (core, packaging, tools)
+    name no family's served model, section key or declared response field: the SR writer,
+    batch, the client, the viewer and bench read the families' declarations instead."""
+    offenders = family_names_in(PACKAGE)
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_name_guard_finds_what_it_looks_for(tmp_path):
+    """The guard sees a served name in Python, a field read in JavaScript and a key in a page."""
+    names, keys, fields = family_vocabulary()
+    name, key, field = sorted(names)[0], sorted(keys)[0], sorted(fields)[0]
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "a.py").write_text(f'"""{name} in a docstring is documentation."""\nMODEL = "{name}"\n')
+    (tmp_path / "tools" / "b.js").write_text(f"// {field} in a comment\nconst v = r.{field};\n")
+    (tmp_path / "tools" / "c.html").write_text(f"<p>{key.upper()} score</p><!-- {name} -->\n")
+    found = family_names_in(tmp_path)
+    own = families.get_served(name)[1].key  # a served name names its section key too
+    assert found == [f"tools/a.py:2 {name!r} in {name!r}", f"tools/a.py:2 {own!r} in {name!r}",
+                     f"tools/b.js:2 {field!r}", f"tools/c.html:1 {key!r}"]
 
 
 @pytest.mark.parametrize("name", sorted(families.served()))

@@ -3,7 +3,7 @@
     cxrserve batch studies/ --model cxr-triage --out triage.csv               # REST
     cxrserve batch 'scans/**/*.dcm' --model cxr-pxs --out pxs.jsonl --grpc   # gRPC
     cxrserve batch list.csv --model cxr-triage --out t.csv --in-process model_store/cxr-triage.mar
-    cxrserve batch studies/ --model cxr-study --out study.csv   # every family: <family>_<field> columns
+    cxrserve batch studies/ --model cxr-study --out study.csv   # a composed model: <key>_<field> columns
 
 Guarantees:
 
@@ -280,9 +280,7 @@ def make_row(item: BatchInput, *, status: int, result: dict | None = None, error
         "gate_verdict": gate.get("verdict", ""), "gate_score": gate.get("score", ""),
         "seconds": round(seconds, 4), "result": strip_pictures(result) if result is not None else None,
     }
-    if isinstance((result or {}).get("results"), dict):  # cxr-study: every family's main numbers
-        from cxrserve.families.study.pipeline import headline_values
-
+    if isinstance((result or {}).get("results"), dict):  # a composed model: every family's main numbers
         row.update(headline_values(result))
     return row
 
@@ -582,11 +580,49 @@ def run_batch(inputs: Iterable[Path], out: str | Path, *, scorer: Callable[[Batc
     return summary
 
 
-def study_columns(model: str) -> list[str]:
-    """Extra CSV columns: for ``cxr-study``, each family's status and headline numbers."""
-    from cxrserve.families.study.pipeline import STUDY, headline_columns
+# --------------------------------------------------------------------------- headline columns
+def section_headlines(model: str) -> dict[str, tuple[str, ...]]:
+    """Section key -> dotted paths of its main numbers (``Served.headline``), for each model a
+    composed model answers for (empty for a plain or unknown model)."""
+    from cxrserve import families
 
-    return headline_columns() if model == STUDY else []
+    if model not in families.served():
+        return {}
+    return {families.get_served(n)[1].key: families.get_served(n)[1].headline for n in families.composed(model)}
+
+
+def headline_columns(model: str) -> list[str]:
+    """Extra CSV columns of a composed model's rows: per section ``<key>_status`` and its headline fields."""
+    columns = []
+    for key, headline in section_headlines(model).items():
+        columns.append(f"{key}_status")
+        columns.extend(f"{key}_{path.replace('.', '_')}" for path in headline)
+    return columns
+
+
+def _lookup(section: dict, path: str):
+    value = section
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return ""
+        value = value[part]
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def headline_values(result: dict) -> dict:
+    """The :func:`headline_columns` of one composed answer (``""`` where a section did not answer)."""
+    from cxrserve import families
+
+    row = {}
+    sections = result.get("results") or {}
+    model = result.get("model") if result.get("model") in families.served() else families.composed_model()
+    for key, headline in section_headlines(model or "").items():
+        section = sections.get(key)
+        row[f"{key}_status"] = "" if section is None else int(section.get("status", 200))
+        for path in headline:
+            row[f"{key}_{path.replace('.', '_')}"] = "" if section is None or "error" in section \
+                else _lookup(section, path)
+    return row
 
 
 def _rows(result) -> list[dict]:
@@ -642,7 +678,7 @@ def cmd_batch(args) -> int:
         concurrency = args.concurrency or (IN_PROCESS_CONCURRENCY if in_process else REMOTE_CONCURRENCY)
         summary = run_batch(inputs, args.out, scorer=scorer, in_process=in_process, concurrency=concurrency,
                             root=root, dicom_paths=args.dicom_paths, overwrite=args.overwrite,
-                            progress=not args.no_progress, total=count, columns=study_columns(args.model))
+                            progress=not args.no_progress, total=count, columns=headline_columns(args.model))
     except AuthenticationError as err:
         print(f"error: {err.message} (401). Rows so far are kept; rerun to resume.")
         return 2
@@ -656,7 +692,7 @@ def register_cli(subparsers) -> None:
 
     p = subparsers.add_parser("batch", help="score a folder / glob / CSV of files into CSV or JSONL (resumable)")
     p.add_argument("inputs", nargs="+", help="folders (recursive), glob patterns, files, or CSVs of paths")
-    p.add_argument("--model", required=True, help="served model name, e.g. cxr-triage")
+    p.add_argument("--model", required=True, help="served model name (`cxrserve families` lists them)")
     p.add_argument("--out", required=True, help="results file: .csv or .jsonl (appended to on resume)")
     p.add_argument("--option", action="append", help="model option NAME=VALUE for every input (repeatable)")
     p.add_argument("--concurrency", type=int, default=None,
@@ -670,8 +706,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--dicom-paths", choices=["hash", "clear"], default="hash",
                    help="DICOM file paths often name the patient: written hashed unless 'clear'")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
-    p.add_argument("--dicom-out", metavar="DIR", help="with --model cxr-study: write SR + lung SEG + heatmap SCs of "
-                   "every DICOM input under DIR/<hashed SOP UID>/ (docs/DICOM.md)")
+    p.add_argument("--dicom-out", metavar="DIR", help="with a composed model (the study): write the SR, SEGs and "
+                   "SCs of every DICOM input under DIR/<hashed SOP UID>/ (docs/DICOM.md)")
     p.add_argument("--no-progress", action="store_true")
     add_connection_args(p)
     p.set_defaults(func=cmd_batch)

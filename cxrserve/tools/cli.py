@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in (("epochs", int), ("steps-per-epoch", int), ("batch-size", int), ("lr", float),
                       ("val-fraction", float), ("seed", int), ("patience", int)):
         p.add_argument(f"--{name}", type=typ)
-    p.add_argument("--set", nargs="*", help="further task arguments, NAME=VALUE (e.g. segmentation=runs/lungseg/best.ckpt)")
+    p.add_argument("--set", nargs="*", help="further task arguments, NAME=VALUE (e.g. segmentation=runs/<component>/best.ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt")
     p.add_argument("--device", default="auto")
     p.add_argument("--demo", action="store_true", help="mark the model as a demo in its card")

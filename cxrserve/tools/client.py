@@ -244,8 +244,12 @@ class CXRClient:
 
     # ----------------------------------------------------------------- calls
     def predict(self, model: str, image: bytes | str | Path, *, prior: bytes | str | Path | None = None,
-                version: str | None = None, options: dict | None = None, **kw_options) -> dict:
+                version: str | None = None, options: dict | None = None,
+                extra_images: dict[str, bytes | str | Path] | None = None, **kw_options) -> dict:
         """Score one study; returns the model's response dict.
+
+        ``extra_images``: further images by request field (a model's ``extra_images``;
+        ``prior`` is the common one and has its own argument).
 
         Raises:
             InputRejected: 4xx about the input (its ``status``: 400/413/415/422).
@@ -256,6 +260,7 @@ class CXRClient:
         files = {"image": _read(image)}
         if prior is not None:
             files["prior"] = _read(prior)
+        files.update({name: _read(data) for name, data in (extra_images or {}).items()})
         opts = {**(options or {}), **kw_options}
         version = version or self.model_version
         call = {"grpc": self._predict_grpc, "kserve": self._predict_kserve}.get(self.protocol, self._predict_rest)
@@ -473,7 +478,7 @@ def cmd_predict(args) -> int:
 
     model = args.model or families.default_served()
     options = dict(_parse_option(o) for o in (args.option or []))
-    for flag in ("heatmap", "overlay", "mask", "pictures"):
+    for flag in families.flags():  # the pictures (and other flags) the families declare
         if getattr(args, flag, False):
             options[flag] = True
     out_dir = Path(args.out)
@@ -545,15 +550,16 @@ def add_connection_args(p) -> None:
 
 
 def register_cli(subparsers) -> None:
+    from cxrserve import families
+
     p = subparsers.add_parser("predict", help="score files with a running cxrserve (REST or gRPC)")
     p.add_argument("files", nargs="+", help="DICOM, PNG or JPEG files")
-    p.add_argument("--model", help="served model name (default: the registry's first, cxr-study when the store has it: every model on one upload)")
+    p.add_argument("--model", help="served model name (default: the registry's first; a composed model when the "
+                                   "store has one: every model on one upload)")
     p.add_argument("--version", help="model version (default: the server's default)")
-    p.add_argument("--prior", help="prior study, for models that compare two (cxr-pxs, cxr-study)")
-    p.add_argument("--pictures", action="store_true", help="cxr-study: every family's pictures")
-    p.add_argument("--heatmap", action="store_true", help="ask for a heatmap PNG")
-    p.add_argument("--overlay", action="store_true", help="ask for an overlay PNG")
-    p.add_argument("--mask", action="store_true", help="ask for a mask PNG")
+    p.add_argument("--prior", help="prior study, for models that compare two")
+    for flag, help_text in families.flags().items():  # declared by each family (its pictures, its flags)
+        p.add_argument(f"--{flag}", action="store_true", help=help_text)
     p.add_argument("--option", action="append", help="any model option, NAME=VALUE (repeatable)")
     p.add_argument("--json", action="store_true", help="print the responses as JSON (machines)")
     p.add_argument("--out", default="cxrserve-predictions", help="folder for summary.json and PNGs")

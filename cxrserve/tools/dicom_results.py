@@ -80,7 +80,7 @@ SHARED_CODES = {
     "gate_verdict": _p("CXR0050", "Input gate verdict"),
     "gate_score": _p("CXR0051", "Probability of frontal chest radiograph"),
     "gate_enforced": _p("CXR0053", "Input gate enforced"),
-    "research_only": _p("CXR0090", "Research use only"),
+    "research_use": _p("CXR0090", "Research use only"),
     "demo_weights": _p("CXR0091", "Demo model weights"),
     "research_statement": _p("CXR0092", "Research use statement"),
     "qualitative_container": Code("C0034375", "UMLS", "Qualitative Evaluations"),
@@ -164,7 +164,7 @@ def not_processed_reason(response: dict) -> str | None:
     if "error" in response and isinstance(status, int) and status >= 400:
         return f"{status} {response.get('error')}: {response.get('message', '')}"
     if not isinstance(response.get("results"), dict):
-        return "not a cxr-study response (no 'results')"
+        return "not a composed model's response (no 'results')"
     return None
 
 
@@ -243,7 +243,7 @@ def _family_items(report: Report, s: dict, algorithm) -> tuple[list, list]:
             coder = import_object(item.coder)
             for name, value in (_at(s, item.field, None) or {}).items():
                 m.append(_m(code(coder(name)), value, code(item.unit), algorithm))
-    q.append(_q(CODES["research_only"], CODES["yes"]))
+    q.append(_q(CODES["research_use"], CODES["yes"]))
     q.append(_q(CODES["demo_weights"], CODES["yes"] if _is_demo(s) else CODES["no"]))
     return m, q
 

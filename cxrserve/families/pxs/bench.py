@@ -12,8 +12,12 @@ from cxrserve.families.pxs.pipeline import ReferencePool
 def pool_growth(model_dir: Path, sizes: Sequence[int], seconds: float, device: str = "cpu") -> dict:
     """The served pool's size, and PXS cost per study for pools of ``sizes`` random embeddings."""
     pool = ReferencePool.load(Path(model_dir) / "pxs")
-    return {"served_pool_size": pool.size,
-            "pool": growth_pool(sizes, int(pool.embeddings.shape[1]), seconds, device=device)}
+    rows = growth_pool(sizes, int(pool.embeddings.shape[1]), seconds, device=device)
+    table = {"title": f"PXS pool size (scoring {rows[0]['batch'] if rows else '-'} embeddings; "
+                      f"served pool: {pool.size} images)",
+             "columns": ["pool size", "ms per study", "pool MB"],
+             "rows": [[g["pool_size"], f"{g['ms_per_study']:.3f}", g["pool_mb"]] for g in rows]}
+    return {"served_pool_size": pool.size, "pool": rows, "tables": [table]}
 
 
 def growth_pool(sizes: Sequence[int], dim: int, seconds: float, batch: int = 8, device: str = "cpu") -> list[dict]:

@@ -70,14 +70,6 @@ def family_classes() -> dict[str, type[Pipeline]]:
             for name in families.composed(STUDY)}
 
 
-def family_headlines() -> dict[str, tuple[str, ...]]:
-    """Family key -> the dotted paths of its main numbers (``Served.headline``)."""
-    from cxrserve import families
-
-    return {families.get_served(name)[1].key: families.get_served(name)[1].headline
-            for name in families.composed(STUDY)}
-
-
 def parse_models(value: Any) -> tuple[str, ...] | None:
     """Option ``models``: a comma list (or JSON-ish list) of family keys; empty = all."""
     if value is None:
@@ -290,39 +282,3 @@ class StudyPipeline(Pipeline):
         for stage, value in fam.timer.reset().items():
             self.timer.add(f"{key}_{stage}", value)
         return seconds * 1000
-
-
-# --------------------------------------------------------------------------- batch columns
-def headline_columns() -> list[str]:
-    """CSV columns of a study row: per family ``<key>_status`` and its headline fields."""
-    columns = []
-    for key, headline in family_headlines().items():
-        columns.append(f"{key}_status")
-        columns.extend(f"{key}_{path.replace('.', '_')}" for path in headline)
-    return columns
-
-
-def _lookup(section: dict, path: str):
-    value: Any = section
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return ""
-        value = value[part]
-    if isinstance(value, (list, dict)):
-        import json
-
-        return json.dumps(value)
-    return value
-
-
-def headline_values(result: dict) -> dict:
-    """The :func:`headline_columns` of one study response (``""`` where a family did not answer)."""
-    row = {}
-    sections = result.get("results") or {}
-    for key, headline in family_headlines().items():
-        section = sections.get(key)
-        row[f"{key}_status"] = "" if section is None else int(section.get("status", 200))
-        for path in headline:
-            row[f"{key}_{path.replace('.', '_')}"] = "" if section is None or "error" in section \
-                else _lookup(section, path)
-    return row

@@ -125,7 +125,8 @@ def markdown(results: dict) -> str:
         lines.append("")
     if results.get("threads"):
         key = next(k for k in results["threads"][0] if k.startswith("threads"))
-        lines += [f"## Decode + preprocess (gate, lungseg, triage_crop) of a batch of 4: serial vs {key[:-3]}", ""]
+        steps = ", ".join(results.get("threads_preprocessing") or ())  # older results: not recorded
+        lines += [f"## Decode + preprocess ({steps or 'every component'}) of a batch of 4: serial vs {key[:-3]}", ""]
         lines += _table(["input", "Mpx", "serial ms", f"{key[:-3]} ms", "speed-up"],
                         [[t["input"], t["megapixels"], _fmt(t["serial_ms"], 0), _fmt(t[key], 0), _fmt(t["speedup"], 2)]
                          for t in results["threads"]])
@@ -140,11 +141,9 @@ def markdown(results: dict) -> str:
         lines += _table(["batch", "studies/s", "p50 ms", "RSS growth MB"],
                         [[g["batch"], _fmt(g["throughput"], 2), _fmt(g["p50_ms"], 0), g["rss_growth_mb"]]
                          for g in growth["batch"]])
-        if growth.get("pool"):
-            lines += ["", f"### PXS pool size (scoring {growth['pool'][0]['batch']} embeddings; "
-                          f"served pool: {growth.get('served_pool_size', '-')} images)", ""]
-            lines += _table(["pool size", "ms per study", "pool MB"],
-                            [[g["pool_size"], _fmt(g["ms_per_study"], 3), g["pool_mb"]] for g in growth["pool"]])
+        for table in growth.get("tables", ()):  # what a model's own growth measure (Served.bench_growth) adds
+            lines += ["", f"### {table['title']}", ""]
+            lines += _table(table["columns"], table["rows"])
         if growth.get("clients"):
             lines += ["", f"### Concurrent clients (TorchServe REST, {results.get('sweep_model', '')})", ""]
             lines += _table(["clients", "studies/s", "p50 ms", "p99 ms", "TorchServe RSS MB", "worker RSS MB", "CPU"],

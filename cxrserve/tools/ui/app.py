@@ -6,12 +6,15 @@ Routes:
 * ``GET /api/models``: the models the page knows how to show, each marked ``served``
   (``true``/``false`` from TorchServe's management API, ``null`` when that API cannot
   be asked), plus the upload limit;
-* ``POST /api/predict/<model>``: JSON ``{"image": base64, "prior": base64?,
-  "labels": [...]?}`` -> that model's response, with TorchServe's status (4xx bodies are
-  the model's own error JSON; 404 ``not_served``; 502 when TorchServe is unreachable).
+* ``POST /api/predict/<model>``: JSON ``{"image": base64, <extra input>: base64 or [...]}``
+  (the extra inputs the families declare, ``ViewerInput``: a second image, a list option)
+  -> that model's response, with TorchServe's status (4xx bodies are the model's own error
+  JSON; 404 ``not_served``; 502 when TorchServe is unreachable).
 
-Requests for pictures (heatmap, overlay, saliency) are the server's choice per model
-(:func:`views`, from the family registry), so the browser can ask for nothing but a known model with an image.
+What the page sends and shows comes from the family registry (:func:`views`): the options
+that turn a model's pictures on are the server's choice per model, so the browser can ask
+for nothing but a known model with an image; each model's card is its family's declared
+``CardLine``s and pictures, rendered by the page's generic code.
 When a composed model (``cxr-study``) is served the page sends that one request and shows each
 family's section in that family's card; otherwise it asks each model.
 
@@ -90,25 +93,37 @@ LOGIN_PAGE = b"""<!doctype html>
 
 @dataclass(frozen=True)
 class ModelView:
-    """How the page asks one model: the options that turn its pictures on, prior/labels."""
+    """How the page asks one model and shows its answer, from its family's declarations."""
 
     name: str
     title: str
     seed: str
-    options: dict = field(default_factory=dict)
-    takes_prior: bool = False
-    takes_labels: bool = False
+    options: dict = field(default_factory=dict)  # request options the page sends (its pictures)
+    inputs: tuple[str, ...] = ()  # the extra inputs it takes (``ViewerInput`` names)
     composes: bool = False  # answers every family in one request (its sections fill their cards)
+    section: str = ""  # its section's key in a composed answer
+    card: tuple[dict, ...] = ()  # ``CardLine``s, rendered by the page's generic code
+    pictures: tuple[dict, ...] = ()  # ``{"option", "field", "caption"}`` of each picture it can show
 
 
 def views() -> tuple[ModelView, ...]:
-    """Every served model of the family registry, as the page asks for it."""
+    """Every served model of the family registry, as the page asks for it and shows it."""
     from cxrserve import families
 
-    return tuple(ModelView(s.name, s.title or s.name, s.seed, dict(s.viewer_options),
-                           takes_prior="prior" in s.viewer_inputs, takes_labels="labels" in s.viewer_inputs,
-                           composes=s.compose)
+    return tuple(ModelView(s.name, s.title or s.name, s.seed, dict(s.viewer_options), tuple(s.viewer_inputs),
+                           composes=s.compose, section=s.key, card=tuple(asdict(c) for c in families.card(s.name)),
+                           pictures=tuple({"option": p.option, "field": p.field, "caption": p.caption or p.label}
+                                          for p in families.pictures(s.name)))
                  for _, s in families.served().values())
+
+
+def viewer_inputs(views_: tuple[ModelView, ...]) -> dict:
+    """The extra inputs some model takes, by name (``ViewerInput`` as a dict), for the page's form."""
+    from cxrserve import families
+
+    declared = families.viewer_inputs()
+    wanted = {name for v in views_ for name in v.inputs}
+    return {name: asdict(spec) for name, spec in declared.items() if name in wanted}
 
 
 @dataclass
@@ -147,6 +162,7 @@ class Backend:
         self.client = CXRClient(config.inference, token=config.token, key_file=config.key_file,
                                 management_url=config.management, timeout=config.timeout, retries=2)
         self.views = {v.name: v for v in views()}
+        self.inputs = viewer_inputs(tuple(self.views.values()))
 
     def _management_token(self) -> str | None:
         from cxrserve.tools.server import read_keys
@@ -175,23 +191,28 @@ class Backend:
     def models(self) -> dict:
         served = self.served_models()
         listed = [{**asdict(v), "served": None if served is None else v.name in served} for v in self.views.values()]
-        extra = [{"name": name, "title": name, "seed": "", "options": {}, "takes_prior": False,
-                  "takes_labels": False, "composes": False, "served": True}
-                 for name in (served or []) if name not in self.views]
-        return {"models": listed + extra, "max_bytes": self.config.max_bytes,
+        extra = [{**asdict(ModelView(name, name, "")), "served": True} for name in (served or []) if name not in self.views]
+        return {"models": listed + extra, "inputs": list(self.inputs.values()), "max_bytes": self.config.max_bytes,
                 "management": "ok" if served is not None else "unavailable"}
 
-    def predict(self, model: str, image: bytes, prior: bytes | None = None,
-                labels: list[str] | None = None) -> tuple[int, dict]:
-        """``(HTTP status, body)`` for one model; never raises for the server's answers."""
+    def predict(self, model: str, image: bytes, extra: dict | None = None) -> tuple[int, dict]:
+        """``(HTTP status, body)`` for one model; never raises for the server's answers.
+
+        ``extra``: the form's extra inputs by name (bytes of a second image, or a list of
+        strings for a list option); a model gets those it takes (a model the registry does
+        not know gets them all)."""
         view = self.views.get(model)
         options = dict(view.options) if view else {}
-        if labels and (view is None or view.takes_labels):
-            options["labels"] = list(labels)  # sent as JSON: any Unicode survives the header
-        if prior is not None and view is not None and not view.takes_prior:
-            prior = None
+        images = {}
+        for name, value in (extra or {}).items():
+            if view is not None and name not in view.inputs:
+                continue
+            if isinstance(value, bytes):
+                images[name] = value
+            else:
+                options[name] = list(value)  # sent as JSON: any Unicode survives the header
         try:
-            return 200, self.client.predict(model, image, prior=prior, options=options)
+            return 200, self.client.predict(model, image, extra_images=images, options=options)
         except InputRejected as err:
             if err.status == 404:
                 return 404, {"error": "not_served", "status": 404,
@@ -506,15 +527,22 @@ class UIRequestHandler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ValueError("expected a JSON object")
             image = _b64(body.get("image"), "image")
-            prior = _b64(body["prior"], "prior") if body.get("prior") else None
-            labels = body.get("labels")
-            if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-                raise ValueError("'labels' must be a list of strings")
+            extra = {}
+            for name, spec in self.server.backend.inputs.items():  # the declared extra inputs
+                value = body.get(name)
+                if value is None or value == [] or value == "":
+                    continue
+                if spec["kind"] == "file":
+                    extra[name] = _b64(value, name)
+                elif isinstance(value, list) and all(isinstance(x, str) for x in value):
+                    extra[name] = value
+                else:
+                    raise ValueError(f"'{name}' must be a list of strings")
         except (ValueError, UnicodeDecodeError) as err:
             return self._error(400, "malformed_request", str(err))
         if not image:
             return self._error(400, "malformed_request", "no image in the request")
-        status, payload = self.server.backend.predict(model, image, prior, labels or None)
+        status, payload = self.server.backend.predict(model, image, extra)
         self._json(status, payload)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from cxrserve.core.errors import CXRInputError
 from cxrserve.synthetic.phantoms import render, sample_spec
-from cxrserve.families.study.pipeline import StudyPipeline, family_classes, headline_columns
+from cxrserve.families.study.pipeline import StudyPipeline, family_classes
 from schemas import validate
 
 FAMILIES = list(family_classes())
@@ -189,7 +189,7 @@ def test_handler_batch_keeps_each_request_status(unpacked, study, images):
 
 
 def test_batch_writes_every_familys_headline_columns(study, images, tmp_path):
-    from cxrserve.tools.batch import InProcessScorer, run_batch, study_columns
+    from cxrserve.tools.batch import InProcessScorer, headline_columns, run_batch
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -198,13 +198,13 @@ def test_batch_writes_every_familys_headline_columns(study, images, tmp_path):
     (folder / "c.png").write_bytes(b"not an image")
     out = tmp_path / "study.csv"
     summary = run_batch(sorted(folder.iterdir()), out, in_process=InProcessScorer(study, {}), progress=False,
-                        columns=study_columns("cxr-study"))
+                        columns=headline_columns("cxr-study"))
     assert summary.ok == 2 and summary.errors == 1
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 3
     for column in ("triage_label", "triage_probabilities_covid19", "pxs_pxs", "severity_geographic_extent",
                    "severity_opacity", "mortality_risk", "zeroshot_probabilities_Pneumonia", "lungseg_status"):
-        assert column in rows[0] and column in headline_columns()
+        assert column in rows[0] and column in headline_columns("cxr-study")
     for row in rows:
         if row["status"] != "200":
             assert row["status"] == "415" and row["triage_label"] == ""

@@ -1,10 +1,12 @@
-// cxrserve viewer: uploads a study through the local proxy, as one cxr-study request
-// when that model is served (else to every served model), and shows each answer. Every string from a response is set with
-// textContent (never as HTML), and pictures are the models' own PNGs (data: URLs).
+// cxrserve viewer: uploads a study through the local proxy, as one request to the composed
+// model when it is served (else to every served model), and shows each answer in a card its
+// family declares (lines and pictures from /api/models; this file names no model or field).
+// Every string from a response is set with textContent (never as HTML), and pictures are the
+// models' own PNGs (data: URLs).
 "use strict";
 
 const API_HEADERS = { "X-CXR-UI": "1" };
-const state = { models: [], maxBytes: 64 * 1024 * 1024 };
+const state = { models: [], inputs: [], maxBytes: 64 * 1024 * 1024 };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -70,60 +72,58 @@ function common(result) {
   return nodes;
 }
 
-// ------------------------------------------------------------------ renderers
-const RENDER = {
-  "cxr-triage": (r) => {
-    const entries = Object.entries(r.probabilities || {});
-    return [
-      el("div", { class: "headline", text: `${r.label} (${pct(r.probabilities[r.label])})` }),
-      bars(entries),
-      kv([["lung box", r.lung_bbox ? r.lung_bbox.join(", ") : "none"],
-          ["segmentation confidence", fmt(r.segmentation_confidence)],
-          ["crop used", r.crop_used ? "yes" : "no: whole image classified"]]),
-      picture(r.heatmap_png, "Grad-CAM heatmap of the predicted class; green box: lung crop", "heatmap"),
-    ];
-  },
-  "cxr-lungseg": (r) => [
-    el("div", { class: "headline", text: `lungs: ${pct(r.lung_area_fraction)} of the image` }),
-    kv([["lung box", r.lung_bbox ? r.lung_bbox.join(", ") : "none"],
-        ["segmentation confidence", fmt(r.segmentation_confidence)]]),
-    picture(r.overlay_png, "lung mask and box over the image", "overlay"),
-  ],
-  "cxr-pxs": (r) => {
-    const nodes = [
-      el("div", { class: "headline", text: `PXS ${fmt(r.pxs, 2)}` }),
-      kv([["pool percentile", `${fmt(r.pxs_percentile, 1)} (of ${r.pool ? r.pool.size : "?"} normal references)`]]),
-    ];
-    if (r.prior && r.change) {
-      nodes.push(kv([["prior PXS", `${fmt(r.prior.pxs, 2)} (percentile ${fmt(r.prior.pxs_percentile, 1)})`],
-                     ["PXS change", `${r.change.pxs_difference >= 0 ? "+" : ""}${fmt(r.change.pxs_difference, 2)}`],
-                     ["embedding distance", fmt(r.change.distance, 2)]]));
-      nodes.push(el("div", { class: `direction-${r.change.direction}`, "data-direction": r.change.direction,
-                             text: `change vs prior: ${r.change.direction} (threshold ${fmt(r.change.threshold, 2)})` }));
-    } else {
-      nodes.push(el("p", { class: "muted", text: "Add a prior study to see the change." }));
+// ------------------------------------------------------------------ declared cards
+// A card line (cxrserve.core.family.CardLine): text with {path} / {path:fmt} placeholders.
+function lookup(r, path) {
+  return path.split(".").reduce((v, k) => (v !== null && typeof v === "object" ? v[k] : undefined), r);
+}
+
+function show(value, spec) {
+  if (value === undefined || value === null) return "none";
+  if (spec === "%") return pct(value);
+  if (spec === "max%") return pct(Math.max(...Object.values(value)));
+  const digits = /^(\+?)\.(\d)$/.exec(spec || "");
+  if (digits) return (digits[1] && value >= 0 ? "+" : "") + fmt(value, Number(digits[2]));
+  if (typeof value === "boolean") return value ? "yes" : "no";
+  if (Array.isArray(value)) return value.join(", ");
+  if (typeof value === "object") return JSON.stringify(value);
+  return fmt(value);
+}
+
+function fill(template, r) {
+  return template.replace(/\{\{|\}\}|\{([^{}:]+)(?::([^{}]+))?\}/g,
+    (match, path, spec) => (match === "{{" ? "{" : match === "}}" ? "}" : show(lookup(r, path), spec)));
+}
+
+function renderDeclared(model, r) {
+  const nodes = [];
+  let facts = null; // consecutive facts share one list
+  for (const line of model.card) {
+    if (line.when && !lookup(r, line.when)) {
+      if (line.otherwise) nodes.push(el("p", { class: "muted", text: line.otherwise }));
+      continue;
     }
-    return nodes;
-  },
-  "cxr-severity": (r) => [
-    el("div", { class: "headline", text: `extent ${fmt(r.geographic_extent, 1)} / 8 · opacity ${fmt(r.opacity, 1)} / 6` }),
-    kv([["lung opacity logit", fmt(r.lung_opacity_logit)], ["lung opacity probability", fmt(r.lung_opacity_probability)]]),
-    picture(r.saliency_png, "saliency: squared gradient of the predicted extent", "saliency"),
-  ],
-  "cxr-mortality": (r) => [
-    el("div", { class: "headline", text: `risk ${pct(r.risk)} (${r.risk_label})` }),
-    kv([["high-risk threshold", fmt(r.threshold)]]),
-    r.research_only ? el("p", { class: "muted", text: r.research_only }) : null,
-    picture(r.overlay_png, "Grad-CAM of the predicted risk class", "overlay"),
-  ],
-  "cxr-zeroshot": (r) => {
-    const entries = Object.entries(r.probabilities || {}).sort((a, b) => b[1] - a[1]);
-    return [
-      el("p", { class: "muted", text: `p = exp(sim "{finding}") / (exp(sim "{finding}") + exp(sim "no {finding}")); ${r.labels_source === "request" ? "your findings" : "14 CheXpert findings"}, ensemble of ${r.ensemble_size}` }),
-      bars(entries, { top: false }),
-    ];
-  },
-};
+    if (line.kind === "fact") {
+      if (!facts) nodes.push(facts = kv([]));
+      facts.append(el("dt", { text: line.label }), el("dd", { text: fill(line.text, r) }));
+      continue;
+    }
+    facts = null;
+    if (line.kind === "headline") nodes.push(el("div", { class: "headline", text: fill(line.text, r) }));
+    else if (line.kind === "note") nodes.push(el("p", { class: "muted", text: fill(line.text, r) }));
+    else if (line.kind === "bars") {
+      const entries = Object.entries(lookup(r, line.text) || {});
+      if (line.sort) entries.sort((a, b) => b[1] - a[1]);
+      nodes.push(bars(entries, { top: line.top }));
+    } else if (line.kind === "tag") {
+      const value = String(lookup(r, line.label));
+      const name = line.label.split(".").pop();
+      nodes.push(el("div", { class: `${name}-${value}`, [`data-${name}`]: value, text: fill(line.text, r) }));
+    }
+  }
+  for (const p of model.pictures) nodes.push(picture(r[p.field], p.caption, p.option));
+  return nodes;
+}
 
 function renderGeneric(r) {
   const skip = new Set(["model", "model_version", "warnings", "input", "input_gate"]);
@@ -160,8 +160,8 @@ function renderCard(card, model, status, body) {
   target.replaceChildren();
   if (status === 200) {
     setState(card, "done", "");
-    const render = RENDER[model.name] || renderGeneric;
-    for (const node of [...render(body), ...common(body)]) if (node) target.append(node);
+    const nodes = model.card && model.card.length ? renderDeclared(model, body) : renderGeneric(body);
+    for (const node of [...nodes, ...common(body)]) if (node) target.append(node);
   } else if (status === 404 && body && body.error === "not_served") {
     setState(card, "not-served", "not served by this TorchServe");
   } else {
@@ -179,7 +179,9 @@ async function loadModels() {
     const res = await fetch("/api/models", { headers: API_HEADERS });
     const info = await res.json();
     state.models = info.models;
+    state.inputs = info.inputs || [];
     state.maxBytes = info.max_bytes;
+    addInputs(state.inputs);
     const served = info.models.filter((m) => m.served === true).map((m) => m.name);
     status.textContent = info.management === "ok"
       ? `TorchServe serves: ${served.join(", ") || "no models"}`
@@ -195,6 +197,21 @@ async function loadModels() {
     results.append(card);
     if (model.served === false) setState(card, "not-served", "not served by this TorchServe");
     else setState(card, "idle", "waiting for a study");
+  }
+}
+
+// The extra inputs the families declare (a second image, a list): id <name>-file or <name>.
+function addInputs(inputs) {
+  const box = document.getElementById("extra-inputs");
+  box.replaceChildren();
+  for (const input of inputs) {
+    const id = input.kind === "file" ? `${input.name}-file` : input.name;
+    box.append(el("label", { for: id, text: input.label }));
+    if (input.kind === "file") {
+      box.append(el("input", { id, name: input.name, type: "file", accept: document.getElementById("image-file").accept }));
+    } else {
+      box.append(el("input", { id, name: input.name, type: "text", placeholder: input.placeholder, autocomplete: "off" }));
+    }
   }
 }
 
@@ -228,11 +245,20 @@ async function analyse(event) {
   const message = document.getElementById("form-message");
   const button = document.getElementById("analyse");
   const imageFile = document.getElementById("image-file").files[0];
-  const priorFile = document.getElementById("prior-file").files[0];
-  const labels = document.getElementById("labels").value.split(",").map((s) => s.trim()).filter(Boolean);
   if (!imageFile) { message.textContent = "Choose a study first."; return; }
-  for (const f of [imageFile, priorFile]) {
-    if (f && f.size > state.maxBytes) {
+  const files = { image: imageFile };
+  const lists = {};
+  for (const input of state.inputs) {
+    if (input.kind === "file") {
+      const file = document.getElementById(`${input.name}-file`).files[0];
+      if (file) files[input.name] = file;
+    } else {
+      const items = document.getElementById(input.name).value.split(",").map((s) => s.trim()).filter(Boolean);
+      if (items.length) lists[input.name] = items;
+    }
+  }
+  for (const f of Object.values(files)) {
+    if (f.size > state.maxBytes) {
       message.textContent = `${f.name} is larger than ${(state.maxBytes / 2 ** 20).toFixed(0)} MiB.`;
       return;
     }
@@ -240,9 +266,8 @@ async function analyse(event) {
   showPreview(imageFile);
   button.disabled = true;
   message.textContent = "Scoring…";
-  const payload = { image: await readBase64(imageFile) };
-  if (priorFile) payload.prior = await readBase64(priorFile);
-  if (labels.length) payload.labels = labels;
+  const payload = { ...lists };
+  for (const [name, file] of Object.entries(files)) payload[name] = await readBase64(file);
   const body = JSON.stringify(payload);
   const families = state.models.filter((m) => !m.composes);
   const study = state.models.find((m) => m.composes && m.served !== false);
@@ -271,7 +296,7 @@ async function analyse(event) {
   document.body.dataset.analysed = "true";
 }
 
-// One cxr-study request; each section goes to its family's card. False when the study
+// One request to the composed model; each section goes to its family's card. False when the study
 // model is not served after all (the page then asks each model).
 async function analyseStudy(study, families, body) {
   for (const model of families) {
@@ -294,7 +319,7 @@ async function analyseStudy(study, families, body) {
   for (const model of families) {
     const card = document.getElementById(`card-${model.name}`);
     if (!res || res.status !== 200) { renderCard(card, model, res ? res.status : 0, answer); continue; }
-    const section = (answer.results || {})[model.name.replace(/^cxr-/, "")];
+    const section = (answer.results || {})[model.section];
     if (!section) setState(card, "idle", "not part of this study");
     else if (section.error) renderCard(card, model, section.status || 500, section);
     else renderCard(card, model, 200, section);
