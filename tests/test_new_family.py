@@ -1,8 +1,11 @@
-"""Adding a family is one folder: a throwaway family in a temporary package is built, served, benchmarked.
+"""Adding a family is one folder: a throwaway family in a temporary package is built, served,
+benchmarked, and shown by every tool.
 
 Nothing in the repository is touched: the family's package lives in a temporary folder,
 joins the registry with :func:`cxrserve.families.register`, and the store builder, the
-archive packer, the in-process server and the benchmark find it there.
+archive packer, the in-process server and the benchmark find it there; so do the DICOM
+SR writer, ``cxrserve batch``'s CSV, ``cxrserve predict`` and the viewer, from the
+family's own ``presentation.py``.
 """
 from __future__ import annotations
 
@@ -23,19 +26,25 @@ PACKAGE = {
         from cxrserve.core.family import Family, Served
 
         FAMILY = Family(
-            name="tiny", package=__name__, rank=999,
+            name="tiny", package=__name__, rank=999, presentation="tinyfam.presentation:PRESENTATION",
             served=(Served(name="cxr-tiny", pipeline="tinyfam.pipeline:TinyPipeline", components=("tiny",),
                            headline=("score",), title="Tiny"),),
             tasks={"tiny": "tinyfam.task"},
         )
     ''',
     "pipeline.py": '''
+        import base64
+
+        import cv2
+
+        from cxrserve.core.options import Option, parse_bool
         from cxrserve.core.pipeline import Item, Pipeline
 
 
         class TinyPipeline(Pipeline):
             name = "cxr-tiny"
             components = ("tiny",)
+            OPTIONS = {"glow": Option(parse_bool, False, "the image in false colour (PNG)", picture=True)}
 
             def _predict(self, items: list[Item]) -> list[dict]:
                 part = self.parts["tiny"]
@@ -44,8 +53,22 @@ PACKAGE = {
                 for item, (score,) in zip(items, outputs):
                     out = self.base_response(item)
                     out["score"] = round(float(score[0]), 6)
+                    if item.options["glow"]:
+                        glow = cv2.applyColorMap(item.xray.uint8, cv2.COLORMAP_JET)
+                        out["glow_png"] = base64.b64encode(cv2.imencode(".png", glow)[1].tobytes()).decode()
                     results.append(out)
                 return results
+    ''',
+    "presentation.py": '''
+        from cxrserve.core.family import NO_UNITS, CardLine, Num, Picture, Presentation, Report, private
+
+        CODES = {"tiny_score": private("CXR9991", "Tiny brightness score"), "family_tiny": private("CXR9990", "Tiny")}
+        PRESENTATION = Presentation(
+            codes=CODES,
+            reports={"cxr-tiny": Report(CODES["family_tiny"], (Num("score", CODES["tiny_score"], NO_UNITS),))},
+            pictures={"cxr-tiny": (Picture("glow", "glow_png", "Tiny glow map", kind="sc-tiny", series_number=9990),)},
+            cards={"cxr-tiny": (CardLine("headline", "tiny score {score:.3}"),)},
+        )
     ''',
     "architecture.py": '''
         import torch
@@ -200,3 +223,151 @@ def test_a_failed_store_hook_leaves_no_component_that_looks_complete(model_store
     monkeypatch.delattr(tinyfam.task, "post_export")
     (mar,) = StoreBuilder(store, work, progress=False).build(["cxr-tiny"])
     assert (work / "components" / "tiny" / "metadata.json").exists() and mar.exists()
+
+
+# --------------------------------------------------------------------------- shown by every tool
+class TinyServer:
+    """Answers ``POST /predictions/cxr-tiny`` with the tiny pipeline (options from ``X-CXR-*``),
+    as TorchServe would; any other model is TorchServe's 404."""
+
+    def __init__(self, pipeline):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.rstrip("/") == "/predictions/cxr-tiny":
+                    options = {k[len("X-CXR-"):].lower(): v for k, v in self.headers.items()
+                               if k.upper().startswith("X-CXR-")}
+                    status, answer = 200, pipeline.predict_bytes(body, options)
+                else:
+                    status, answer = 404, {"code": 404, "type": "ModelNotFoundException", "message": "not found"}
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_store, tiny_family, tmp_path,
+                                                                         capsys):
+    """The tiny family's number and picture reach every tool from its own ``presentation.py``."""
+    import argparse
+    import csv
+    import io
+    import threading
+
+    import cv2
+    import highdicom as hd
+    import pydicom
+    import torch
+
+    from cxrserve.core.files import unpack_archive
+    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.families.study.pipeline import StudyPipeline
+    from cxrserve.packaging.store import StoreBuilder
+    from cxrserve.synthetic.dicomwrite import to_dicom
+    from cxrserve.synthetic.phantoms import render, sample_spec
+    from cxrserve.tools import client, dicom_results
+    from cxrserve.tools.batch import InProcessScorer, headline_columns, run_batch
+
+    repo_build = Path(__file__).resolve().parents[1] / "build"
+    work, store = _work(tmp_path, repo_build), tmp_path / "store"
+    (mar,) = StoreBuilder(store, work, progress=False).build(["cxr-tiny"])
+    folder = unpack_archive(mar, tmp_path / "unpacked")
+    tiny = load_pipeline(folder, device="cpu")
+    image = render(sample_spec(3, label="pneumonia", min_extent=3)).image
+    png = tmp_path / "in" / "study.png"
+    png.parent.mkdir()
+    png.write_bytes(cv2.imencode(".png", image)[1].tobytes())
+    dicom = to_dicom(image, modality="CR", view_position="PA", patient_id="TINY-1")
+    expected = tiny.predict_bytes(dicom, {"glow": True})
+
+    # the composed study answers for it (the archive ships only its component: the others fail alone)
+    study = StudyPipeline(folder, device=torch.device("cpu"), config=dict(tiny.config))  # its handler settings
+    answer = study.predict_bytes(dicom, {"pictures": "true"})
+    section = answer["results"]["tiny"]
+    assert section["score"] == expected["score"] and section["glow_png"] == expected["glow_png"]
+
+    # SR: its own measurement group and number, read back with highdicom; its picture as an SC
+    objects = dicom_results.build_results(pydicom.dcmread(io.BytesIO(dicom)), answer)
+    paths = dict(zip((dicom_results.kind_of(o) for o in objects),
+                     dicom_results.write_results(objects, tmp_path / "dicom")))
+    assert set(paths) == {"sr", "sc-tiny"}
+    sr = hd.sr.srread(paths["sr"])
+    groups = {g.finding_type.value: g for g in sr.content.get_image_measurement_groups()}
+    (number,) = groups["CXR9990"].get_measurements()
+    assert number.name.value == "CXR9991" and number.value == pytest.approx(expected["score"])
+    sc = pydicom.dcmread(paths["sc-tiny"])
+    assert sc.SeriesNumber == 9990 and "Tiny glow map" in sc.SeriesDescription
+    assert np.array_equal(sc.pixel_array, dicom_results.decode_png(expected["glow_png"])[..., :3])
+
+    # batch CSV: its status and headline column
+    out = tmp_path / "study.csv"
+    summary = run_batch([png], out, in_process=InProcessScorer(study, {}), progress=False,
+                        columns=headline_columns("cxr-study"))
+    assert summary.ok == 1
+    (row,) = csv.DictReader(out.open())
+    assert row["tiny_status"] == "200"
+    assert float(row["tiny_score"]) == tiny.predict_bytes(png.read_bytes())["score"]
+
+    # the client: `cxrserve predict --glow` asks for its picture and saves it
+    server = TinyServer(tiny)
+    try:
+        parser = argparse.ArgumentParser()
+        client.register_cli(parser.add_subparsers())
+        args = parser.parse_args(["predict", str(png), "--model", "cxr-tiny", "--glow", "--url", server.url,
+                                  "--out", str(tmp_path / "predicted")])
+        assert args.func(args) == 0
+        printed = capsys.readouterr().out
+        assert "study.png: cxr-tiny" in printed and "score: " in printed and "saved glow" in printed
+        saved = json.loads((tmp_path / "predicted" / "summary.json").read_text())[0]["result"]
+        assert saved["score"] == tiny.predict_bytes(png.read_bytes())["score"]
+        assert cv2.imread(str(tmp_path / "predicted" / saved["glow_file"])).shape[:2] == image.shape[:2]
+
+        # the viewer (Chromium): its card with the declared headline and picture
+        chromium = Path("/usr/bin/chromium")
+        if not chromium.exists():
+            pytest.skip("Chromium from the OS packages is not installed (`make browser`): SR, CSV, client checked")
+        sync_api = pytest.importorskip("playwright.sync_api")
+        from cxrserve.tools.ui.app import UIConfig, make_server
+
+        viewer = make_server(UIConfig(port=0, inference=server.url, management="http://127.0.0.1:9"))
+        threading.Thread(target=viewer.serve_forever, daemon=True).start()
+        try:
+            with sync_api.sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(chromium), headless=True,
+                                                     args=["--headless", "--no-sandbox", "--disable-gpu"])
+                page = browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda err: errors.append(str(err)))
+                page.goto(viewer.secret_url)
+                page.wait_for_selector("#card-cxr-tiny[data-state='idle']")
+                page.set_input_files("#image-file", str(png))
+                page.click("#analyse")
+                page.wait_for_selector("body[data-analysed='true']", timeout=120_000)
+                assert page.get_attribute("#card-cxr-tiny", "data-state") == "done"
+                score = tiny.predict_bytes(png.read_bytes())["score"]
+                assert f"tiny score {score:.3f}" in page.inner_text("#card-cxr-tiny .headline")
+                assert page.eval_on_selector("#card-cxr-tiny img[data-picture='glow']",
+                                             "img => img.complete && img.naturalWidth > 0")
+                assert errors == []
+                browser.close()
+        finally:
+            viewer.shutdown()
+            viewer.server_close()
+    finally:
+        server.close()

@@ -98,7 +98,7 @@ class ModelView:
     name: str
     title: str
     seed: str
-    options: dict = field(default_factory=dict)  # request options the page sends (its pictures)
+    options: dict = field(default_factory=dict)  # request options the page sends (its pictures, on by default)
     inputs: tuple[str, ...] = ()  # the extra inputs it takes (``ViewerInput`` names)
     composes: bool = False  # answers every family in one request (its sections fill their cards)
     section: str = ""  # its section's key in a composed answer
@@ -110,7 +110,10 @@ def views() -> tuple[ModelView, ...]:
     """Every served model of the family registry, as the page asks for it and shows it."""
     from cxrserve import families
 
-    return tuple(ModelView(s.name, s.title or s.name, s.seed, dict(s.viewer_options), tuple(s.viewer_inputs),
+    # every declared picture is asked for unless the model's viewer_options say otherwise
+    return tuple(ModelView(s.name, s.title or s.name, s.seed,
+                           {**{p.option: True for p in families.pictures(s.name)}, **s.viewer_options},
+                           tuple(s.viewer_inputs),
                            composes=s.compose, section=s.key, card=tuple(asdict(c) for c in families.card(s.name)),
                            pictures=tuple({"option": p.option, "field": p.field, "caption": p.caption or p.label}
                                           for p in families.pictures(s.name)))
