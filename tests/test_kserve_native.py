@@ -265,7 +265,37 @@ def bad_requests() -> dict[str, tuple[dict, int, str]]:
         "bad_option": ({"image": phantom_png(8), "heatmap": b"maybe"}, 400, "INVALID_ARGUMENT"),
         "lateral": ({"image": lateral}, 422, "FAILED_PRECONDITION"),
         "pixel_bomb": ({"image": huge}, 413, "RESOURCE_EXHAUSTED"),
+        **{name: ({"image": data}, 413, "RESOURCE_EXHAUSTED") for name, data in decompression_bombs().items()},
     }
+
+
+def decompression_bombs() -> dict[str, bytes]:
+    """A 300 MiB deflate bomb in ~300 KB, a 12000 x 12000 JPEG frame in a 128 x 128 DICOM header."""
+    from test_decode_bombs import MiB, deflate_bomb, jpeg_dicom, set_sof, with_frame
+
+    y, x = np.mgrid[0:128, 0:128]
+    small = (40 + x + y // 2).clip(0, 255).astype(np.uint8)
+    return {"deflate_bomb": deflate_bomb(300 * MiB), "frame_bomb": with_frame(jpeg_dicom(small), set_sof(12000, 12000))}
+
+
+def test_decompression_bombs_leave_the_predictors_peak_memory_alone(predictor, http):
+    """The predictor process's VmHWM (its peak resident memory) after both bombs, over HTTP:
+    before bounded decoding the deflate bomb alone took +600 MB and was answered 200."""
+    def peak_kb() -> int:
+        status = Path(f"/proc/{predictor['proc'].pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+    http.infer("cxr-triage", http_inputs(phantom_png(3), True))  # ordinary work sets the peak first
+    before = peak_kb()
+    for name, data in decompression_bombs().items():
+        t0 = time.perf_counter()
+        with pytest.raises(InferenceServerException) as err:
+            http.infer("cxr-triage", http_inputs(data, True))
+        assert err.value.status() == "413", (name, err.value)
+        print(f"kserve-native {name}: 413 in {1000 * (time.perf_counter() - t0):.0f} ms")
+    rise_mb = (peak_kb() - before) / 1024
+    print(f"kserve-native peak memory rise: {rise_mb:.1f} MB")
+    assert rise_mb < 48
 
 
 def test_bad_inputs_get_their_http_status_and_grpc_code(predictor, http, grpcc):
