@@ -251,3 +251,41 @@ def test_real_lossy_j2k_matches_its_lossless_twin(shared_data):
     # MONOCHROME1 inverted: the lungs (upper-lateral fields) are darker than the spine.
     h, w = lossy.shape
     assert lossy[h // 3, w // 4] < lossy[h // 3, w // 2]
+
+
+def test_header_values_never_come_back_in_error_messages():
+    """Malformed image-module values are named, never quoted: the message goes back in the
+    response and a crafted value could carry the patient's name."""
+    base = to_dicom(np.full((32, 32), 100, np.uint8))  # explicit VR little endian
+    for tag in (b"\x28\x00\x08\x00", b"\x28\x00\x10\x00"):  # NumberOfFrames, Rows: raw IS "DOE^JOHN"
+        element = tag + b"IS" + (8).to_bytes(2, "little") + b"DOE^JOHN"
+        data = _insert_element(base, tag, element)
+        with pytest.raises(MalformedInput) as err:
+            decode(data)
+        assert "DOE" not in str(err.value), str(err.value)
+
+
+def _insert_element(data: bytes, tag: bytes, element: bytes) -> bytes:
+    """``data`` with ``element`` in place of the element ``tag`` (or before the next higher one):
+    written by hand, since pydicom will not write a value its VR cannot hold."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    group, elem = int.from_bytes(tag[:2], "little"), int.from_bytes(tag[2:], "little")
+    target = (group << 16) | elem
+    if target in ds:
+        del ds[target]
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    out = buf.getvalue()
+    # the first element of group 0x0028 at or after the target (elements are in tag order)
+    at = None
+    i = out.find(b"\x28\x00")
+    while i != -1:
+        e = int.from_bytes(out[i + 2:i + 4], "little")
+        if out[i + 4:i + 6].isalpha() and e >= elem:
+            at = i
+            break
+        i = out.find(b"\x28\x00", i + 1)
+    assert at is not None
+    return out[:at] + element + out[at:]

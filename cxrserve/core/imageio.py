@@ -339,7 +339,7 @@ def _decode_dicom(data: bytes, max_pixels: int, target: int | None = None,
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError) as err:
-        raise MalformedInput(f"invalid NumberOfFrames: {ds.get('NumberOfFrames')!r}") from err
+        raise MalformedInput("invalid NumberOfFrames: not an integer") from err  # never echo header bytes
     if frames > 1:
         raise UnsupportedFormat(
             f"multi-frame DICOM ({frames} frames) is not supported: send one frontal image"
@@ -351,7 +351,9 @@ def _decode_dicom(data: bytes, max_pixels: int, target: int | None = None,
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
     except (AttributeError, TypeError, ValueError) as err:
-        raise MalformedInput(f"DICOM image module incomplete or invalid: {err}") from err
+        # the type only: the message can quote a header value, and it goes back in the response
+        raise MalformedInput(f"DICOM image module incomplete or invalid ({type(err).__name__}): Rows, Columns "
+                             "and BitsAllocated must be present and numeric") from err
     _check_pixel_count(cols, rows, max_pixels)
     # Before any decoder runs, fast path included: decode memory, transfer syntax, and
     # each encapsulated frame's own size (a 512 x 512 header over a 12000 x 12000 JPEG).
