@@ -19,6 +19,7 @@ from cxrserve import __version__
 #: own (``Family.cli``, read from the registry).
 TOOL_PLUGINS = ("cxrserve.tools.client", "cxrserve.tools.batch", "cxrserve.tools.ui", "cxrserve.tools.bench.cli",
                 "cxrserve.tools.kserve.cli", "cxrserve.tools.node",
+                "cxrserve.tools.site",
                 "cxrserve.packaging.real_store")
 
 
