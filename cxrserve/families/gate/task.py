@@ -31,13 +31,11 @@ import torch.nn.functional as F
 from cxrserve.core.card import ModelCard
 from cxrserve.training.datasets import Record, fingerprint
 from cxrserve.training.metrics import confusion_matrix, per_class_report
-from cxrserve.models import build_model
 from cxrserve.core.pipeline import gate_verdict
 from cxrserve.models.gate import GATE_LABELS
-from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import RandomAffine, RandomIntensity, build_transform
-from cxrserve.training.common import ImageCache, batches, describe_data, resolve_device, split
-from cxrserve.models.pretrained import apply_init
+from cxrserve.training.common import ImageCache, describe_data, split
+from cxrserve.training.skeleton import Run, in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +104,15 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 8, st
     """
     from cxrserve.training.common import load_records
 
-    torch.manual_seed(seed)
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+    dev = run.device
     records = list(records) + (load_records(list(extra_negatives)) if extra_negatives else [])
     # Default stratification (source, label), so `cxrserve eval gate --split val` sees this very split.
     train_set, val_set = split(records, val_fraction, seed)
     val_set = val_set[:max_val] if max_val else val_set
     if len({gate_label(r) for r in train_set}) < 2:
         raise ValueError("the gate needs frontal and non-frontal images to train on")
-    dev = resolve_device(device)
     cache = ImageCache(max_side=256)
     transform = build_transform(PREPROCESSING)
     index = {label: i for i, label in enumerate(GATE_LABELS)}
@@ -127,8 +126,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 8, st
                "split": {"val_fraction": val_fraction, "seed": seed, "train": len(train_set), "val": len(val_set)},
                "train_counts": dict(counts)},
     )
-    model = build_model(card.architecture, **card.arch_kwargs)
-    apply_init(model, card, init)  # init=torchvision | PATH (cxrserve.models.pretrained); None: from scratch
+    model = run.model(card, init)
     affine = RandomAffine(degrees=12, zoom=(0.8, 1.15), shift=0.08, seed=seed)
     intensity = RandomIntensity(seed=seed + 1)
 
@@ -160,12 +158,12 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 8, st
 
     def train_batches(epoch: int):
         if fixed:
-            for idx in batches(len(fixed), batch_size, seed, epoch):
+            for idx in run.batches(len(fixed), epoch):
                 yield (torch.stack([fixed[i][0] for i in idx]).to(dev),
                        torch.tensor([fixed[i][1] for i in idx], device=dev))
             return
         rng = np.random.default_rng((seed, epoch, 3))
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             xs, ys = [], []
             for i in idx:
                 r = train_set[i]
@@ -181,17 +179,13 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 8, st
         return F.cross_entropy(model.logits(x), y, weight=weights, label_smoothing=0.05)
 
     def evaluate(model):
-        probs = np.concatenate([model(torch.stack(val_x[i : i + 64]).to(dev)).float().cpu().numpy()
-                                for i in range(0, len(val_x), 64)])
+        probs = in_chunks(val_x, 64, lambda xs: model(torch.stack(xs).to(dev)).float().cpu().numpy())
         report = gate_report(val_y, probs, accept_threshold)
         return {"val_accuracy": report["accept_accuracy"], "val_macro_f1": report["macro_f1"], "val_report": report}
 
-    n_steps = steps_per_epoch or max(1, len(fixed or train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch,
-                       monitor="val_accuracy", mode="max", patience=patience, resume=resume, progress=progress,
-                       warmup_steps=min(10, n_steps), total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
-    return Path(out_dir) / "best.ckpt"
+    n_train = len(fixed or train_set)
+    return run.fit(model, card, train_batches, step, evaluate, n_train=n_train, monitor="val_accuracy",
+                   warmup_steps=min(10, run.steps(n_train)))
 
 
 def gate_report(truth: Sequence[str], probs: np.ndarray, threshold: float, sources: Sequence[str] | None = None) -> dict:

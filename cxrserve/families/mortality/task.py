@@ -30,16 +30,14 @@ import torch.nn.functional as F
 from scipy.special import expit
 
 from cxrserve.core.card import ModelCard
-from cxrserve.models.checkpoint import load_checkpoint, save_checkpoint
+from cxrserve.models.checkpoint import load_checkpoint
 from cxrserve.training.datasets import Record, fingerprint, patient_groups, patient_split
 from cxrserve.training.metrics import (bootstrap_ci, brier, expected_calibration_error, roc_auc, sensitivity_specificity_at,
                        spearman, threshold_for_sensitivity)
-from cxrserve.models import build_model
 from cxrserve.families.mortality.pipeline import OUTCOMES, calibrate, log_odds
-from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import build_augment, build_transform
-from cxrserve.training.common import ImageCache, batch_images, batches, describe_data, resolve_device
-from cxrserve.models.pretrained import apply_init
+from cxrserve.training.common import ImageCache, batch_images, describe_data
+from cxrserve.training.skeleton import Run, in_chunks, serve_records
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +126,9 @@ def risk_report(y: Sequence[int], risk: Sequence[float], groups: Sequence, thres
 @torch.no_grad()
 def predict_log_odds(model, inputs: Sequence[torch.Tensor], device, batch_size: int = 16) -> np.ndarray:
     model.eval()
-    out = []
-    for i in range(0, len(inputs), batch_size):
-        probs, _ = model(torch.stack(list(inputs[i : i + batch_size])).to(device))
-        out.append(log_odds(probs.float().cpu().numpy()))
-    return np.concatenate(out) if out else np.zeros(0)
+    z = in_chunks(inputs, batch_size, lambda xs: log_odds(model(torch.stack(list(xs)).to(device))[0].float().cpu()
+                                                          .numpy()))
+    return np.asarray(z) if z else np.zeros(0)
 
 
 def _init_backbone(model, path: str | Path) -> str:
@@ -156,6 +152,9 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 5,
     """
     from cxrserve.training.datasets import CLASS_LABELS
 
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs,
+                    progress=progress)
+    dev = run.device
     records = list(records)
     groups = patient_groups(records)
     blocked = {g for g, r in zip(groups, records) if r.survival is not None}
@@ -165,7 +164,6 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 5,
         raise ValueError("pre-training needs at least two of covid19 / normal / pneumonia")
     parts = patient_split(usable, val_fraction=val_fraction, seed=seed)
     train_set, val_set = parts["train"], parts["val"][: max_val or None]
-    dev = resolve_device(device)
     cache = ImageCache()
     transform = build_transform(PREPROCESSING)
     augment_fn = build_augment("standard" if augment else "none", seed=seed)
@@ -175,13 +173,12 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 5,
                      preprocessing=PREPROCESSING, labels=list(CLASS_LABELS),
                      arch_kwargs={"num_classes": 3, "in_channels": 3, "dropout": 0.2},
                      trained_on=describe_data(usable), data_fingerprint=fingerprint(usable))
-    model = build_model(card.architecture, **card.arch_kwargs)
-    apply_init(model, card, init)  # init=torchvision | PATH (cxrserve.models.pretrained); None: from scratch
+    model = run.model(card, init)
     val_inputs = [transform(cache.image(r)) for r in val_set]
     val_y = np.array([CLASS_LABELS.index(r.triage_label) for r in val_set])
 
     def train_batches(epoch: int):
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             xs = [transform(augment_fn(cache.image(train_set[i]))[0]) for i in idx]
             ys = [CLASS_LABELS.index(train_set[i].triage_label) for i in idx]
             yield torch.stack(xs).to(dev), torch.tensor(ys, device=dev)
@@ -191,20 +188,13 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 5,
         return F.cross_entropy(model.logits(x).float(), y, weight=weights)
 
     def evaluate(model):
-        preds = []
-        for i in range(0, len(val_inputs), 16):
-            probs, _ = model(torch.stack(val_inputs[i : i + 16]).to(dev))
-            preds.append(probs.argmax(1).cpu().numpy())
-        pred = np.concatenate(preds)
+        pred = np.asarray(in_chunks(val_inputs, 16,
+                                    lambda xs: model(torch.stack(xs).to(dev))[0].argmax(1).cpu().numpy()))
         recalls = [float((pred[val_y == k] == k).mean()) for k in range(3) if (val_y == k).any()]
         return {"val_balanced_accuracy": float(np.mean(recalls))}
 
-    n_steps = max(1, len(train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, monitor="val_balanced_accuracy", mode="max",
-                       patience=epochs, progress=progress, warmup_steps=min(20, n_steps),
-                       total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
-    return Path(out_dir) / "best.ckpt"
+    return run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set),
+                   monitor="val_balanced_accuracy")
 
 
 def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, steps_per_epoch: int | None = None,
@@ -225,8 +215,10 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
     """
     if target not in ("survival", "phantom_risk"):
         raise ValueError(f"target must be 'survival' or 'phantom_risk', got {target!r}")
-    torch.manual_seed(seed)
-    if pretrain_epochs and not init_from:
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+    dev = run.device
+    if pretrain_epochs and not init_from:  # seeds torch again, as this run did: same state either way
         init_from = str(pretrain(records, Path(out_dir) / "pretrain", epochs=pretrain_epochs, seed=seed,
                                  device=device, init=init, progress=progress))
     usable = usable_records(records)
@@ -236,7 +228,6 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
                           stratify=lambda r: r.survival)
     train_set, val_set, test_set = parts["train"], parts["val"], parts.get("test", [])
     val_set = val_set[:max_val] if max_val else val_set
-    dev = resolve_device(device)
     cache = ImageCache()
     transform = build_transform(PREPROCESSING)
     augment_fn = build_augment("standard" if augment else "none", seed=seed)
@@ -256,18 +247,16 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
                "split": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
                          "train": len(train_set), "val": len(val_set), "test": len(test_set)}},
     )
-    model = build_model(card.architecture, **card.arch_kwargs)
+    model = run.model(card, None if init_from else init)
     if init_from:  # the pre-trained backbone (itself started from ``init``, if given)
         card.extra["initialised_from"] = _init_backbone(model, init_from)
-    else:
-        apply_init(model, card, init)
     inputs = {r.path: transform(cache.image(r)) for r in val_set + test_set + ([] if augment else train_set)}
     val_inputs = [inputs[r.path] for r in val_set]
     val_y = np.array([died(r) for r in val_set])
     weights = weights.to(dev)
 
     def train_batches(epoch: int):
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             x = batch_images(train_set, idx, inputs, transform, cache, augment_fn if augment else None)
             if target == "phantom_risk":
                 y = torch.tensor([phantom_risk(train_set[i]) for i in idx], device=dev)
@@ -298,49 +287,34 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
     # phantom's true risk), not by an AUC over ~20 coin flips, which swings by 0.15
     # between neighbouring epochs.
     monitor = "val_risk_spearman" if val_risk is not None else "val_auc"
-    n_steps = steps_per_epoch or max(1, len(train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch,
-                       monitor=monitor, mode="max", patience=patience, resume=resume, progress=progress,
-                       warmup_steps=min(20, n_steps), total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
+    run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set), monitor=monitor)
 
-    best = Path(out_dir) / "best.ckpt"
-    payload = load_checkpoint(best, dev)
-    model.load_state_dict(payload["state_dict"])
-    card = ModelCard.from_dict(payload["card"])
-    z_val = predict_log_odds(model, val_inputs, dev)
-    card.extra["calibration"] = fit_platt(z_val, val_y)
-    risk_val = calibrate(z_val, card.extra["calibration"])
-    threshold = threshold_for_sensitivity(val_y, risk_val, target_sensitivity)
-    card.thresholds["high_risk"] = float(threshold)
-    card.metrics["validation"] = {**risk_report(val_y, risk_val, patient_groups(val_set), threshold, n_boot, seed),
-                                  "note": "calibration and threshold were fitted on these images (optimistic)"}
-    if test_set:
-        test_y = np.array([died(r) for r in test_set])
-        risk_test = calibrate(predict_log_odds(model, [inputs[r.path] for r in test_set], dev),
-                              card.extra["calibration"])
-        card.metrics["test"] = risk_report(test_y, risk_test, patient_groups(test_set), threshold, n_boot, seed)
-        log.info("mortality test: %s", card.metrics["test"])
-    save_checkpoint(best, model, card, **{k: v for k, v in payload.items() if k not in ("card", "state_dict")})
-    return best
+    def calibrate_and_threshold(model, card: ModelCard) -> None:
+        z_val = predict_log_odds(model, val_inputs, dev)
+        card.extra["calibration"] = fit_platt(z_val, val_y)
+        risk_val = calibrate(z_val, card.extra["calibration"])
+        threshold = threshold_for_sensitivity(val_y, risk_val, target_sensitivity)
+        card.thresholds["high_risk"] = float(threshold)
+        card.metrics["validation"] = {**risk_report(val_y, risk_val, patient_groups(val_set), threshold, n_boot, seed),
+                                      "note": "calibration and threshold were fitted on these images (optimistic)"}
+        if test_set:
+            test_y = np.array([died(r) for r in test_set])
+            risk_test = calibrate(predict_log_odds(model, [inputs[r.path] for r in test_set], dev),
+                                  card.extra["calibration"])
+            card.metrics["test"] = risk_report(test_y, risk_test, patient_groups(test_set), threshold, n_boot, seed)
+            log.info("mortality test: %s", card.metrics["test"])
+
+    return run.amend_best(model, calibrate_and_threshold)
 
 
 def evaluate(pipeline, records: Sequence[Record], n_boot: int = 2000) -> dict:
     """AUC (patient-cluster bootstrap CI) and sensitivity/specificity of a served ``cxr-mortality``."""
-    from cxrserve.core.imageio import read_file
-    from cxrserve.core.pipeline import Item
-
     usable = usable_records(records)
-    kept, risks = [], []
-    for start in range(0, len(usable), 16):
-        chunk = usable[start : start + 16]
-        items = [Item(xray=read_file(r.path), options=pipeline.parse_options({})) for r in chunk]
-        for r, out in zip(chunk, pipeline.predict(items)):
-            if isinstance(out, dict):
-                kept.append(r)
-                risks.append(out["risk"])
+    kept = [(r, a) for r, a in zip(usable, serve_records(pipeline, usable)) if a is not None]
     if not kept:  # every film refused by the input checks or the gate: nothing to score
         return {"n_images": 0, "auc": None, "auc_ci95": [None, None], "rejected": len(usable)}
-    report = risk_report([died(r) for r in kept], risks, patient_groups(kept), pipeline.threshold, n_boot)
+    films = [r for r, _ in kept]
+    report = risk_report([died(r) for r in films], [a["risk"] for _, a in kept], patient_groups(films),
+                         pipeline.threshold, n_boot)
     report["rejected"] = len(usable) - len(kept)
     return report

@@ -44,12 +44,10 @@ from cxrserve.core.card import ModelCard
 from cxrserve.models.checkpoint import load_checkpoint
 from cxrserve.training.datasets import Record, fingerprint, patient_groups, patient_kfold
 from cxrserve.training.metrics import bootstrap_ci, pairwise_ranking_accuracy, pearson, roc_auc, spearman
-from cxrserve.models import build_model
 from cxrserve.models.siamese import euclidean
-from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import build_augment, build_transform
-from cxrserve.training.common import ImageCache, batches, describe_data, resolve_device, split
-from cxrserve.models.pretrained import apply_init
+from cxrserve.training.common import ImageCache, describe_data, split
+from cxrserve.training.skeleton import Run, in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +118,10 @@ def severity_pair_loss(embeddings: torch.Tensor, targets: torch.Tensor) -> torch
 def embed_images(model: torch.nn.Module, images: Sequence[np.ndarray], device, batch_size: int = 16) -> torch.Tensor:
     """Eager fp32 embeddings (as served) of uint8 images; N x D on the CPU."""
     transform = build_transform(PREPROCESSING)
-    out = []
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.stack([transform(img) for img in images[start : start + batch_size]]).to(device)
-            out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, ARCH_KWARGS["embedding_dim"])
+        out = in_chunks(images, batch_size, lambda part: model(torch.stack([transform(img) for img in part])
+                                                               .to(device)).float().cpu())
+    return torch.stack(out) if out else torch.zeros(0, ARCH_KWARGS["embedding_dim"])
 
 
 def pxs_against(embeddings: torch.Tensor, anchors: torch.Tensor, same: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,14 +187,15 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
     weights, so the trunk starts from scratch at a higher lr. Records: see
     :func:`pretrain_records`.
     """
-    torch.manual_seed(seed)
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+    dev = run.device
     usable_records = pretrain_records(records, exclude_scored)
     labels_all = {r.path: weak_label(r) for r in usable_records}
     if len(set(labels_all.values())) < 2:
         raise ValueError("stage 1 needs both normal and abnormal (COVID-19 / pneumonia) frontal images")
     train_set, val_set = split(usable_records, val_fraction, seed, stratify=lambda r: (r.source, weak_label(r)))
     val_set = val_set[:max_val] if max_val else val_set
-    dev = resolve_device(device)
     cache = ImageCache()
     transform = build_transform(PREPROCESSING)
     augmenter = _augmenter(augment, seed)
@@ -210,8 +207,7 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
         "exclude_scored": exclude_scored,
         "split": {"val_fraction": val_fraction, "seed": seed, "train": len(train_set), "val": len(val_set)},
     }, head_gain=head_gain)
-    model = build_model(card.architecture, **card.arch_kwargs)
-    apply_init(model, card, init)  # init=torchvision | PATH (cxrserve.models.pretrained); None: from scratch
+    model = run.model(card, init)
 
     def train_batches(epoch: int):
         for idx in class_balanced_batches(labels, batch_size, seed, epoch):
@@ -236,12 +232,8 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
                 "val_same_distance": float(d[same_pair].mean()) if same_pair.any() else None,
                 "val_different_distance": float(d[~same_pair].mean()) if (~same_pair).any() else None}
 
-    n_steps = steps_per_epoch or max(1, len(train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch,
-                       monitor="val_auc", mode="max", patience=patience, resume=resume, progress=progress,
-                       warmup_steps=min(20, max(1, n_steps // 4)), total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
-    return Path(out_dir) / "best.ckpt"
+    return run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set), monitor="val_auc",
+                   warmup_steps=min(20, max(1, run.steps(len(train_set)) // 4)))
 
 
 # --------------------------------------------------------------------------- stage 2
@@ -278,7 +270,11 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
     card, so ``cxrserve eval pxs`` scores only those images); ``select="last"`` keeps the
     last epoch instead of the best on validation (no peeking at a held-out fold).
     """
-    torch.manual_seed(seed)
+    # select="last": no early stop, the last epoch is kept (no peeking at a held-out fold)
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience if select == "best" else epochs, resume=resume,
+                    progress=progress)
+    dev = run.device
     if fold is not None:
         scored = _scored_for_training(records, target)
         train_set, val_set = patient_kfold(scored, folds, seed=seed, stratify=False)[int(fold)]
@@ -294,7 +290,6 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
     targets = {r.path: float(severity(r, target)) for r in train_set + val_set}
     targets.update({r.path: 0.0 for r in zero_set})
     train_set = train_set + zero_set
-    dev = resolve_device(device)
     cache = ImageCache()
     transform = build_transform(PREPROCESSING)
     augmenter = _augmenter(augment, seed)
@@ -323,14 +318,12 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
     card = _new_card(NAME, stage="tune", records=list(train_set), demo=demo, version=version, extra=extra,
                      thresholds={"change_pxs_delta": float(change_threshold)},
                      head_gain=pcard.arch_kwargs.get("head_gain", 1.0) if pretrained else head_gain)
-    model = build_model(card.architecture, **card.arch_kwargs)
+    model = run.model(card, None if pretrained else init)
     if pretrained:
         model.load_state_dict(state["state_dict"])
-    else:
-        apply_init(model, card, init)
 
     def train_batches(epoch: int):
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             x = torch.stack([transform(augmenter(cache.image(train_set[i]))) for i in idx])
             y = torch.tensor([targets[train_set[i].path] for i in idx], dtype=torch.float32)
             yield x.to(dev), y.to(dev)
@@ -359,13 +352,8 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
         monitor = "val_pxs_spearman" if anchors else "val_pair_spearman"
     else:
         raise ValueError(f"select must be 'best' or 'last', got {select!r}")
-    n_steps = steps_per_epoch or max(1, len(train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch,
-                       monitor=monitor, mode="max", patience=patience if select == "best" else epochs,
-                       resume=resume, progress=progress, warmup_steps=min(20, max(1, n_steps // 4)),
-                       total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
-    return Path(out_dir) / "best.ckpt"
+    return run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set), monitor=monitor,
+                   warmup_steps=min(20, max(1, run.steps(len(train_set)) // 4)))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -446,10 +434,8 @@ def evaluate(pipeline, records: Sequence[Record], *, n_boot: int = 2000) -> dict
     evaluated = scored + normals
     if not evaluated:
         raise ValueError("no severity-scored (or normal) frontal images among the records")
-    embeddings = np.concatenate([
-        pipeline.embed([read_file(r.path).uint8 for r in evaluated[i : i + 16]])
-        for i in range(0, len(evaluated), 16)
-    ])
+    embeddings = np.stack(in_chunks(evaluated, 16, lambda part: pipeline.embed([read_file(r.path).uint8 for r in part]),
+                                    desc=f"{pipeline.name}: embedding", progress=True))
     pxs, pct = pipeline.score_embeddings(embeddings)
     n = len(scored)
     extent = np.array([r.geographic_extent for r in scored], dtype=float)

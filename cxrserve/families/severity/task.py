@@ -32,15 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from cxrserve.core.card import ModelCard
-from cxrserve.models.checkpoint import load_checkpoint, save_checkpoint
 from cxrserve.training.datasets import Record, fingerprint, patient_groups, repeated_patient_splits
 from cxrserve.training.metrics import mae, mse, pearson, r2, roc_auc, spearman
-from cxrserve.models import build_model
 from cxrserve.models.xrv import XRV_PATHOLOGIES
-from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import build_augment, build_transform
-from cxrserve.training.common import ImageCache, batch_images, batches, describe_data, resolve_device, split
-from cxrserve.models.pretrained import apply_init
+from cxrserve.training.common import ImageCache, batch_images, describe_data, split
+from cxrserve.training.skeleton import Run, serve_records
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +288,9 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
     scored) they are fitted on scored training images (``max_fit``) and measured on
     the validation images.
     """
-    torch.manual_seed(seed)
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+    dev = run.device
     records = list(records)
     pretrain = pretraining_records(records, exclude_scored, include_paediatric)
     if len(pretrain) < 8:
@@ -306,7 +305,6 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
         raise ValueError("no positive and negative 'Lung Opacity' targets in the pre-training data")
     # Untrained heads are masked out of the loss, so '' slots never learn from noise.
     head_mask = torch.tensor(has_both)
-    dev = resolve_device(device)
     cache = ImageCache()
     transform = build_transform(PREPROCESSING)
     augment_fn = build_augment("standard" if augment else "none", seed=seed)
@@ -330,8 +328,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
                                "positives": {n: int((known[:, k] == 1).sum()) for k, n in enumerate(labels) if n}},
                "fit": {"images": len(fit_set), "inputs": [LUNG_OPACITY]}},
     )
-    model = build_model(card.architecture, **card.arch_kwargs)
-    apply_init(model, card, init)  # init=torchvision | PATH (cxrserve.models.pretrained); None: from scratch
+    model = run.model(card, init)
     inputs: dict[Path, torch.Tensor] = {}
     precompute = val_set + ([] if augment else train_set)
     for r in precompute:
@@ -340,7 +337,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
     val_targets = torch.stack([targets[r.path] for r in val_set]).numpy()
 
     def train_batches(epoch: int):
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             x = batch_images(train_set, idx, inputs, transform, cache, augment_fn if augment else None)
             ys = torch.stack([targets[train_set[i].path] for i in idx])
             yield x.to(dev), ys.to(dev)
@@ -360,54 +357,39 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
         return {"val_auc_mean": float(np.mean(list(aucs.values()))) if aucs else None,
                 "val_auc_lung_opacity": aucs.get(LUNG_OPACITY), "val_auc": aucs}
 
-    n_steps = steps_per_epoch or max(1, len(train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch,
-                       monitor="val_auc_mean", mode="max", patience=patience, resume=resume, progress=progress,
-                       warmup_steps=min(20, max(1, epochs * n_steps // 8)), total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
+    n_steps = run.steps(len(train_set))
+    run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set), monitor="val_auc_mean",
+            warmup_steps=min(20, max(1, epochs * n_steps // 8)))
 
-    # Stage 2: linear maps on the best pre-trained network, stored in its card.
-    best = Path(out_dir) / "best.ckpt"
-    payload = load_checkpoint(best, dev)
-    model.load_state_dict(payload["state_dict"])
-    card = ModelCard.from_dict(payload["card"])
-    fit_logits, fit_feats = extract(model, [inputs.get(r.path) if r.path in inputs else transform(cache.image(r))
-                                            for r in fit_set], dev)
-    card.extra["score_maps"] = fit_score_maps(fit_logits, labels, fit_set)
-    card.extra["fit"]["on_training_images"] = {
-        s: regression_report([getattr(r, s) for r in fit_set], apply_map(card.extra["score_maps"][s], fit_logits, labels))
-        for s in SCORES}
-    if eval_set:
-        ev_logits, _ = extract(model, [inputs[r.path] for r in eval_set], dev)
-        card.metrics["severity_val"] = {
-            s: regression_report([getattr(r, s) for r in eval_set], apply_map(card.extra["score_maps"][s], ev_logits, labels))
+    def fit_maps(model, card: ModelCard) -> None:
+        """Stage 2: linear maps on the best pre-trained network, stored in its card."""
+        fit_logits, fit_feats = extract(model, [inputs.get(r.path) if r.path in inputs else transform(cache.image(r))
+                                                for r in fit_set], dev)
+        card.extra["score_maps"] = fit_score_maps(fit_logits, labels, fit_set)
+        card.extra["fit"]["on_training_images"] = {
+            s: regression_report([getattr(r, s) for r in fit_set],
+                                 apply_map(card.extra["score_maps"][s], fit_logits, labels))
             for s in SCORES}
-    if exclude_scored:
-        card.metrics["table1"] = table1(fit_logits, fit_feats, labels, fit_set, n_splits=n_splits, seed=seed)
-        log.info("Table 1 (ours / paper):\n%s", table1_markdown(card.metrics["table1"]))
-    save_checkpoint(best, model, card, **{k: v for k, v in payload.items() if k not in ("card", "state_dict")})
-    log.info("severity maps: %s", card.extra["score_maps"])
-    return best
+        if eval_set:
+            ev_logits, _ = extract(model, [inputs[r.path] for r in eval_set], dev)
+            card.metrics["severity_val"] = {
+                s: regression_report([getattr(r, s) for r in eval_set],
+                                     apply_map(card.extra["score_maps"][s], ev_logits, labels))
+                for s in SCORES}
+        if exclude_scored:
+            card.metrics["table1"] = table1(fit_logits, fit_feats, labels, fit_set, n_splits=n_splits, seed=seed)
+            log.info("Table 1 (ours / paper):\n%s", table1_markdown(card.metrics["table1"]))
+        log.info("severity maps: %s", card.extra["score_maps"])
+
+    return run.amend_best(model, fit_maps)
 
 
 # --------------------------------------------------------------------------- evaluation
 def evaluate(pipeline, records: Sequence[Record]) -> dict:
     """Extent and opacity of a served ``cxr-severity`` against the scored records."""
-    from cxrserve.core.imageio import read_file
-    from cxrserve.core.pipeline import Item
-
     scored = [r for r in records if is_scored(r)]
-    predicted: dict[str, list[float]] = {s: [] for s in SCORES}
-    kept: list[Record] = []
-    for start in range(0, len(scored), 16):
-        chunk = scored[start : start + 16]
-        items = [Item(xray=read_file(r.path), options=pipeline.parse_options({})) for r in chunk]
-        for r, out in zip(chunk, pipeline.predict(items)):
-            if isinstance(out, dict):
-                kept.append(r)
-                for s in SCORES:
-                    predicted[s].append(out[s])
+    kept = [(r, a) for r, a in zip(scored, serve_records(pipeline, scored)) if a is not None]
     report = {"n": len(kept), "rejected": len(scored) - len(kept)}
     for s in SCORES:
-        report[s] = regression_report([getattr(r, s) for r in kept], predicted[s])
+        report[s] = regression_report([getattr(r, s) for r, _ in kept], [a[s] for _, a in kept])
     return report

@@ -22,11 +22,9 @@ from cxrserve.core.card import ModelCard
 from cxrserve.training.datasets import Record, fingerprint
 from cxrserve.families.triage.lungs import DEFAULT_THRESHOLDS, mask_to_image_size
 from cxrserve.training.metrics import dice
-from cxrserve.models import build_model
-from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import build_augment, build_transform
-from cxrserve.training.common import ImageCache, batches, describe_data, resolve_device, split
-from cxrserve.models.pretrained import apply_init
+from cxrserve.training.common import ImageCache, describe_data, split
+from cxrserve.training.skeleton import Run, in_chunks
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +41,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0)
 def predict_probabilities(model, images: Sequence[np.ndarray], device, batch_size: int = 16) -> list[np.ndarray]:
     """Lung probability maps (model resolution) for uint8 images, eager model."""
     transform = build_transform(PREPROCESSING)
-    out: list[np.ndarray] = []
+
+    def lung_maps(part: Sequence[np.ndarray]) -> np.ndarray:
+        return model(torch.stack([transform(img) for img in part]).to(device))[:, 0].float().cpu().numpy()
+
     with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            x = torch.stack([transform(img) for img in images[i : i + batch_size]]).to(device)
-            out.extend(model(x)[:, 0].float().cpu().numpy())
-    return out
+        return in_chunks(images, batch_size, lung_maps)
 
 
 def dice_by_source(records: Sequence[Record], probabilities: Sequence[np.ndarray], cache: ImageCache,
@@ -81,11 +79,11 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 30, s
           resume: bool = False, device: str = "auto", demo: bool = False, version: str = "0.1.0",
           max_val: int | None = None, init: str | None = None, progress: bool = True) -> Path:
     """Train the lung U-Net on records that have ground-truth masks; returns best.ckpt."""
-    torch.manual_seed(seed)
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
     train_set, val_set = training_split(records, val_fraction, seed)
     usable = train_set + val_set
     val_set = val_set[:max_val] if max_val else val_set
-    dev = resolve_device(device)
     cache = ImageCache()
     transform = build_transform(PREPROCESSING)
     augment = build_augment("standard", seed=seed)
@@ -98,17 +96,16 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 30, s
         trained_on=describe_data(usable), data_fingerprint=fingerprint(usable),
         extra={"split": {"val_fraction": val_fraction, "seed": seed, "train": len(train_set), "val": len(val_set)}},
     )
-    model = build_model(card.architecture, **card.arch_kwargs)
-    apply_init(model, card, init)  # init=torchvision | PATH (cxrserve.models.pretrained); None: from scratch
+    model = run.model(card, init)
 
     def train_batches(epoch: int):
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             xs, ys = [], []
             for i in idx:
                 img, mask = augment(cache.image(train_set[i]), cache.mask(train_set[i]).astype(np.uint8))
                 xs.append(transform(img))
                 ys.append(torch.from_numpy(cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)).long())
-            yield torch.stack(xs).to(dev), torch.stack(ys).to(dev)
+            yield torch.stack(xs).to(run.device), torch.stack(ys).to(run.device)
 
     def step(model, batch):
         x, y = batch
@@ -116,16 +113,11 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 30, s
         return F.cross_entropy(logits, y) + soft_dice_loss(logits, y.float())
 
     def evaluate(model):
-        probs = predict_probabilities(model, [cache.image(r) for r in val_set], dev)
+        probs = predict_probabilities(model, [cache.image(r) for r in val_set], run.device)
         report = dice_by_source(val_set, probs, cache, card.thresholds["mask"])
         return {"val_dice": report["dice"], "val_n": report["n"], "val_by_source": report["by_source"]}
 
-    n_steps = steps_per_epoch or max(1, len(train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch,
-                       monitor="val_dice", mode="max", patience=patience, resume=resume, progress=progress,
-                       warmup_steps=min(20, n_steps), total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
-    return Path(out_dir) / "best.ckpt"
+    return run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set), monitor="val_dice")
 
 
 def evaluate(pipeline, records: Sequence[Record], cache: ImageCache | None = None) -> dict:

@@ -23,13 +23,11 @@ from cxrserve.models.checkpoint import load_model
 from cxrserve.training.datasets import CLASS_LABELS, Record, fingerprint
 from cxrserve.families.triage.lungs import LungFinding, analyse_lungs
 from cxrserve.training.metrics import confusion_matrix, per_class_report
-from cxrserve.models import build_model
 from cxrserve.core.runtime import TorchRuntime
-from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import RandomIntensity, build_transform
 from cxrserve.families.triage.pipeline import find_lungs
-from cxrserve.training.common import ImageCache, batches, describe_data, resolve_device, split
-from cxrserve.models.pretrained import apply_init
+from cxrserve.training.common import ImageCache, describe_data, split
+from cxrserve.training.skeleton import Run, in_chunks, serve_records
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +91,12 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
     ``crop_source="truth"`` cuts training crops from ground-truth masks where a record
     has one (same box rules); the demo recipe uses it to skip segmenting every phantom.
     """
-    torch.manual_seed(seed)
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+    dev = run.device
     train_set, val_set = training_split(records, val_fraction, seed, include_paediatric)
     val_set = val_set[:max_val] if max_val else val_set
     usable = train_set + val_set
-    dev = resolve_device(device)
     cache = ImageCache()
 
     seg_model, seg_card = load_model(segmentation, dev)
@@ -128,8 +127,7 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
                "crop_rate": crop_rate, "crop_source": crop_source, "class_weights": weights.tolist(),
                "split": {"val_fraction": val_fraction, "seed": seed, "train": len(train_set), "val": len(val_set)}},
     )
-    model = build_model(card.architecture, **card.arch_kwargs)
-    apply_init(model, card, init)  # init=torchvision | PATH (cxrserve.models.pretrained); None: from scratch
+    model = run.model(card, init)
     transform = build_transform(PREPROCESSING)
     intensity = RandomIntensity(seed=seed)
     label_index = {c: i for i, c in enumerate(CLASS_LABELS)}
@@ -139,7 +137,7 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
 
     def train_batches(epoch: int):
         rng = np.random.default_rng((seed, epoch, 7))
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             if augment:
                 xs = [transform(intensity(jitter_crop(cache.image(train_set[i]), findings[train_set[i].path], rng)))
                       for i in idx]
@@ -153,41 +151,25 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
         return F.cross_entropy(model.logits(x), y, weight=weights, label_smoothing=0.05)
 
     def evaluate(model):
-        probs = []
-        for i in range(0, len(val_inputs), 16):
-            probs.append(model(torch.stack(val_inputs[i : i + 16]).to(dev))[0].cpu().numpy())
-        pred = [CLASS_LABELS[k] for k in np.concatenate(probs).argmax(1)]
+        probs = in_chunks(val_inputs, 16, lambda xs: model(torch.stack(xs).to(dev))[0].cpu().numpy())
+        pred = [CLASS_LABELS[k] for k in np.argmax(probs, 1)] if probs else []
         report = classification_report(val_set, pred)
         return {"val_macro_f1": report["macro_f1"], "val_accuracy": report["accuracy"],
                 "val_balanced_accuracy": report["balanced_accuracy"], "val_report": report}
 
-    n_steps = steps_per_epoch or max(1, len(train_set) // batch_size)
-    config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch,
-                       monitor="val_macro_f1", mode="max", patience=patience, resume=resume, progress=progress,
-                       warmup_steps=min(20, n_steps), total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, config, dev)
-    return Path(out_dir) / "best.ckpt"
+    return run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set), monitor="val_macro_f1")
 
 
 def evaluate(pipeline, records: Sequence[Record], include_paediatric: bool = True) -> dict:
     """Confusion matrix, sensitivity and PPV per class and per source, through the served pipeline."""
-    from cxrserve.core.imageio import read_file
-    from cxrserve.core.pipeline import Item
-
     usable = usable_records(records, include_paediatric)
-    predicted, crop_used = [], []
-    for start in range(0, len(usable), 16):
-        chunk = usable[start : start + 16]
-        items = [Item(xray=read_file(r.path), options=pipeline.parse_options({})) for r in chunk]
-        for out in pipeline.predict(items):
-            predicted.append(out["label"] if isinstance(out, dict) else "rejected")
-            crop_used.append(bool(out.get("crop_used")) if isinstance(out, dict) else False)
+    answers = serve_records(pipeline, usable)
     # An enforced input gate may refuse films (422): scored over the accepted ones, with the
-    # refusals counted beside them (a "rejected" label has no column in the confusion matrix).
-    kept = [i for i, p in enumerate(predicted) if p != "rejected"]
-    refused = [usable[i] for i, p in enumerate(predicted) if p == "rejected"]
-    report = classification_report([usable[i] for i in kept], [predicted[i] for i in kept])
-    report["rejected"] = len(usable) - len(kept)
+    # refusals counted beside them (a refusal has no column in the confusion matrix).
+    kept = [(r, a) for r, a in zip(usable, answers) if a is not None]
+    refused = [r for r, a in zip(usable, answers) if a is None]
+    report = classification_report([r for r, _ in kept], [a["label"] for _, a in kept])
+    report["rejected"] = len(refused)
     report["rejected_by_class"] = dict(Counter(r.triage_label for r in refused))
-    report["crop_rate"] = float(np.mean(crop_used)) if crop_used else None
+    report["crop_rate"] = float(np.mean([bool(a and a.get("crop_used")) for a in answers])) if answers else None
     return report

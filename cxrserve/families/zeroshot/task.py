@@ -44,13 +44,12 @@ from cxrserve.core.card import ModelCard
 from cxrserve.models.checkpoint import load_model
 from cxrserve.training.datasets import Record, fingerprint
 from cxrserve.training.metrics import bootstrap_ci, roc_auc, to_jsonable
-from cxrserve.models import build_model
 from cxrserve.models.clip import CLIP, VIT_B_32, clean_state_dict
-from cxrserve.training.trainer import FitConfig, fit
 from cxrserve.core.transforms import build_augment, build_transform
 from cxrserve.families.zeroshot.pipeline import (CHEXPERT_LABELS, COMPONENT, NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, PREPROCESSING,
                         Tokenizer, embed_labels, pair_probabilities, trim_tokens)
-from cxrserve.training.common import ImageCache, batches, describe_data, resolve_device, split
+from cxrserve.training.common import ImageCache, describe_data, split
+from cxrserve.training.skeleton import Run, serve_records
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +196,14 @@ def train(records: Sequence[Record], out_dir: str | Path, *, arch: str | dict = 
     ``report``: write ``eval.json`` (AUC per finding and source, bootstrap intervals) for
     the validation split with the best checkpoint.
     """
-    torch.manual_seed(seed)
+    run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+    dev = run.device
     usable = usable_records(records, include_paediatric)
     if len(usable) < 8:
         raise ValueError(f"need images with report text; got {len(usable)} of {len(records)} records")
     train_set, val_set = training_split(records, val_fraction, seed, include_paediatric)
     val_set = val_set[:max_val] if max_val else val_set
-    dev = resolve_device(device)
     cache = ImageCache()
     transform = build_transform(PREPROCESSING)
 
@@ -224,7 +224,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, arch: str | dict = 
                "eval_targets": list(EVAL_TARGETS),
                "split": {"val_fraction": val_fraction, "seed": seed, "train": len(train_set), "val": len(val_set)}},
     )
-    model = build_model(card.architecture, **card.arch_kwargs)
+    model = run.model(card)  # an init file is a CLIP checkpoint, loaded into the member as it is
     if init_state is not None:
         model.members[0].load_state_dict(init_state)
         from cxrserve.models.pretrained import sha256_file
@@ -246,7 +246,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, arch: str | dict = 
 
     def train_batches(epoch: int):
         rng = np.random.default_rng((seed, epoch, 13))
-        for idx in batches(len(train_set), batch_size, seed, epoch):
+        for idx in run.batches(len(train_set), epoch):
             if augmenter is not None:
                 xs = [transform(augmenter(cache.image(train_set[i]))[0])[:1] for i in idx]
             else:
@@ -293,20 +293,15 @@ def train(records: Sequence[Record], out_dir: str | Path, *, arch: str | dict = 
                 "val_auc_by_label": aucs, "val_n": len(val_set),
                 "logit_scale": float(model.members[0].logit_scale.exp())}
 
-    n_steps = steps_per_epoch or max(1, len(train_set) // batch_size)
-    fit_config = FitConfig(out_dir=Path(out_dir), epochs=epochs, lr=lr, weight_decay=weight_decay,
-                           steps_per_epoch=steps_per_epoch, monitor="val_loss", mode="min", patience=patience,
-                           resume=resume, progress=progress,
-                           warmup_steps=min(50, n_steps) if warmup_steps is None else warmup_steps,
-                           total_steps=epochs * n_steps)
-    fit(model, card, train_batches, step, evaluate, fit_config, dev)
+    warmup = min(50, run.steps(len(train_set))) if warmup_steps is None else warmup_steps
+    best = run.fit(model, card, train_batches, step, evaluate, n_train=len(train_set), monitor="val_loss",
+                   mode="min", warmup_steps=warmup, weight_decay=weight_decay)
     if report:
         # AUC per finding and per source, with intervals, on the exact validation split.
-        best, _ = load_model(Path(out_dir) / "best.ckpt", dev)
-        probs = zero_shot_eager(best, val_inputs, list(EVAL_TARGETS), tokenizer, dev)
+        probs = zero_shot_eager(load_model(best, dev)[0], val_inputs, list(EVAL_TARGETS), tokenizer, dev)
         summary = zero_shot_report(val_set, probs, list(EVAL_TARGETS))
-        (Path(out_dir) / "eval.json").write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
-    return Path(out_dir) / "best.ckpt"
+        (run.out_dir / "eval.json").write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
+    return best
 
 
 def zero_shot_eager(model, inputs: Sequence[torch.Tensor], labels: Sequence[str], tokenizer: Tokenizer,
@@ -356,22 +351,12 @@ def zero_shot_report(records: Sequence[Record], probabilities: np.ndarray, label
 
 def evaluate(pipeline, records: Sequence[Record], include_paediatric: bool = False) -> dict:
     """Zero-shot AUC per finding through the served ``cxr-zeroshot`` pipeline (in process)."""
-    from cxrserve.core.imageio import read_file
-    from cxrserve.core.pipeline import Item
-
     usable = [r for r in records if r.is_frontal is not False
               and (include_paediatric or (r.is_adult is not False and "kermany" not in r.source))]
     labels = list(EVAL_TARGETS)
-    options = pipeline.parse_options({"labels": labels})
-    probs, kept = [], []
-    for start in range(0, len(usable), 16):
-        chunk = usable[start : start + 16]
-        for record, out in zip(chunk, pipeline.predict([Item(xray=read_file(r.path), options=options)
-                                                        for r in chunk])):
-            if isinstance(out, dict):
-                kept.append(record)
-                probs.append([out["probabilities"][label] for label in labels])
-    report = zero_shot_report(kept, np.array(probs).reshape(len(kept), len(labels)), labels)
+    kept = [(r, a) for r, a in zip(usable, serve_records(pipeline, usable, {"labels": labels})) if a is not None]
+    probs = np.array([[a["probabilities"][label] for label in labels] for _, a in kept])
+    report = zero_shot_report([r for r, _ in kept], probs.reshape(len(kept), len(labels)), labels)
     report["rejected"] = len(usable) - len(kept)
     report["prompts"] = {"positive": POSITIVE_TEMPLATE, "negative": NEGATIVE_TEMPLATE}
     return report
