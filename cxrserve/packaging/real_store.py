@@ -12,8 +12,8 @@ model of the registry):
    component with a finished ``best.ckpt`` (``DONE`` marker) is not retrained, an
    interrupted one resumes from its ``last.ckpt``. ``--budget`` seconds bound the
    training: each component gets a share of what is left (``store.budget_weights``)
-   as its ``$CXRSERVE_TRAIN_DEADLINE``: no epoch starts that would end after it, and the
-   best checkpoint so far is kept.
+   as its ``deadline`` (``train(deadline=...)``, :class:`FitConfig`): no epoch starts that
+   would end after it, and the best checkpoint so far is kept.
 2. marks every card ``real``: version ``<store.version>`` (contains ``real``) and a
    ``REAL-DATA MODEL`` warning instead of the demo one, so every response's
    ``model_version`` and ``warnings`` say ``real``;
@@ -34,11 +34,9 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import re
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 
 import yaml
 from pathlib import Path
@@ -153,24 +151,9 @@ class RealStoreBuilder(StoreBuilder):
             log.warning("budget spent before %s: it trains its first epoch only", name)
         return time.time() + max(0.0, left) * share
 
-    @contextmanager
-    def _env(self, key: str, value: str | None):
-        old = os.environ.get(key)
-        if value is not None:
-            os.environ[key] = value
-        try:
-            yield
-        finally:
-            if value is not None:
-                if old is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = old
-
     def checkpoint(self, name: str) -> Path:
         from cxrserve.families import get_task
         from cxrserve.training.common import load_records
-        from cxrserve.training.trainer import DEADLINE_ENV
 
         if name in self.given:
             return self.given[name]
@@ -191,9 +174,8 @@ class RealStoreBuilder(StoreBuilder):
         started = time.time()
         log.info("training real component %s (task %s) on %d records%s", name, task_name, len(records),
                  f", deadline in {deadline - started:.0f} s" if deadline else "")
-        with self._env(DEADLINE_ENV, f"{deadline:.0f}" if deadline else None):
-            task.train(records, out_dir=out, demo=False, version=self.version, progress=self.progress,
-                       device=self.device, resume=True, **depends, **kwargs)
+        task.train(records, out_dir=out, demo=False, version=self.version, progress=self.progress,
+                   device=self.device, resume=True, deadline=deadline, **depends, **kwargs)
         self._mark_real(best)
         mark_trained(out, {"seconds": round(time.time() - started, 1), "task": task_name})
         return best

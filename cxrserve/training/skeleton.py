@@ -7,7 +7,7 @@ leaves the shared shape to these, done one way for every task:
 * :class:`Run`: the settings every ``train()`` takes besides its own. :meth:`Run.start`
   seeds torch and resolves the device; :meth:`Run.model` builds the card's architecture
   with ``init`` applied; :meth:`Run.fit` makes the :class:`FitConfig` (warmup and cosine
-  length from the number of training examples) and runs :func:`fit`;
+  length from the number of training examples, the deadline) and runs :func:`fit`;
   :meth:`Run.amend_best` reopens ``best.ckpt`` for what a task computes on the best weights
   (calibration, score maps) and writes it back.
 * :func:`in_chunks`: a function over a sequence a chunk at a time (eager validation passes).
@@ -49,6 +49,7 @@ class Run:
     patience: int = 5
     resume: bool = False
     progress: bool = True
+    deadline: float | None = None  # Unix time after which no epoch starts (FitConfig.deadline)
 
     @classmethod
     def start(cls, out_dir: str | Path, *, device: str | torch.device = "auto", seed: int = 0, **settings) -> Run:
@@ -88,7 +89,7 @@ class Run:
             out_dir=self.out_dir, epochs=self.epochs, lr=self.lr, steps_per_epoch=self.steps_per_epoch,
             monitor=monitor, mode=mode, patience=self.patience, resume=self.resume, progress=self.progress,
             warmup_steps=min(20, n_steps) if warmup_steps is None else warmup_steps,
-            total_steps=self.epochs * n_steps, **config), self.device)
+            total_steps=self.epochs * n_steps, deadline=self.deadline, **config), self.device)
         return self.best
 
     def amend_best(self, model: torch.nn.Module, amend: Callable[[torch.nn.Module, ModelCard], None]) -> Path:

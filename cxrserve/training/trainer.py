@@ -12,17 +12,18 @@ Tasks supply the model, data loaders, a ``step`` (batch -> loss) and an ``evalua
 * ``steps_per_epoch`` caps an epoch (short demo runs on phantoms);
 * bf16 autocast for the training steps where the hardware runs it natively (about
   1.8x faster on AVX512-BF16 CPUs); evaluation stays in fp32, as served;
-* an optional wall-clock deadline, ``$CXRSERVE_TRAIN_DEADLINE`` (Unix time): no epoch
-  starts that the last epoch's duration says would end after it, so a job on a leased
-  machine with a hard time limit keeps its best checkpoint and runs its post-training
-  steps (calibration, score maps) instead of being killed mid-epoch.
+* an optional wall-clock deadline, ``FitConfig.deadline`` (Unix time): no epoch starts
+  that the last epoch's duration says would end after it, so a job on a leased machine
+  with a hard time limit keeps its best checkpoint and runs its post-training steps
+  (calibration, score maps) instead of being killed mid-epoch. The real store builder
+  gives each component its share of ``--budget`` this way, ``cxrserve train`` its
+  ``--deadline``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,6 @@ from cxrserve.training.metrics import to_jsonable
 from cxrserve.core.runtime import autocast_dtype
 
 log = logging.getLogger(__name__)
-
-#: Environment variable: Unix time after which :func:`fit` starts no further epoch.
-DEADLINE_ENV = "CXRSERVE_TRAIN_DEADLINE"
 
 
 @dataclass
@@ -59,6 +57,7 @@ class FitConfig:
     total_steps: int | None = None  # for the cosine decay; default epochs * steps_per_epoch
     schedule: str = "cosine"  # "cosine" (warmup then cosine to 1 % of lr) or "constant"
     precision: str = "auto"  # "auto": bf16 autocast where the hardware has it; "fp32"; "bf16"
+    deadline: float | None = None  # Unix time after which no epoch starts; None: no limit
 
 
 def lr_lambda(config: FitConfig) -> Callable[[int], float]:
@@ -121,14 +120,14 @@ def fit(
         start_epoch, history, best, stale = state["epoch"] + 1, state["history"], state["best"], state.get("stale", 0)
         log.info("resumed %s at epoch %d (best %s=%s)", card.name, start_epoch, config.monitor, best)
     best_metrics = next((h for h in history if h.get(config.monitor) == best), {}) if best is not None else {}
-    deadline = float(os.environ.get(DEADLINE_ENV) or "inf")
+    deadline = math.inf if config.deadline is None else float(config.deadline)
 
     for epoch in range(start_epoch, config.epochs):
         if stale >= config.patience:
             break
         if history and time.time() + history[-1]["seconds"] > deadline:
-            log.warning("%s: stopping before epoch %d of %d: $%s leaves too little time", card.name, epoch + 1,
-                        config.epochs, DEADLINE_ENV)
+            log.warning("%s: stopping before epoch %d of %d: the deadline leaves too little time", card.name,
+                        epoch + 1, config.epochs)
             break
         model.train()
         started, losses = time.time(), []

@@ -94,7 +94,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 8, st
           resume: bool = False, device: str = "auto", demo: bool = False, version: str = "0.1.0",
           max_val: int | None = None, invert_fraction: float = 0.2, accept_threshold: float = 0.5,
           extra_negatives: Sequence[str | Path] = (), width: int = 8, augment: bool = True,
-          init: str | None = None, progress: bool = True) -> Path:
+          init: str | None = None, progress: bool = True, deadline: float | None = None) -> Path:
     """Train the gate; ``extra_negatives`` adds folders (e.g. phantom kinds) to the training data.
 
     With ``augment`` (real data), ``invert_fraction`` of the frontal images in every
@@ -105,7 +105,8 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 8, st
     from cxrserve.training.common import load_records
 
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
+                    deadline=deadline)
     dev = run.device
     records = list(records) + (load_records(list(extra_negatives)) if extra_negatives else [])
     # Default stratification (source, label), so `cxrserve eval gate --split val` sees this very split.

@@ -143,7 +143,8 @@ def _init_backbone(model, path: str | Path) -> str:
 
 def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 5, batch_size: int = 8,
              lr: float = 1e-3, seed: int = 0, device: str = "auto", augment: bool = True, val_fraction: float = 0.15,
-             max_val: int | None = 200, init: str | None = None, progress: bool = True) -> Path:
+             max_val: int | None = 200, init: str | None = None, progress: bool = True,
+             deadline: float | None = None) -> Path:
     """Pre-train the ResNet18 on COVID-19 / normal / pneumonia films of patients without a survival label.
 
     Every patient with a survival label is left out (whole linked groups), so nothing
@@ -153,7 +154,7 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 5,
     from cxrserve.training.datasets import CLASS_LABELS
 
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, patience=epochs,
-                    progress=progress)
+                    progress=progress, deadline=deadline)
     dev = run.device
     records = list(records)
     groups = patient_groups(records)
@@ -203,7 +204,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
           version: str = "0.1.0", max_val: int | None = None, augment: bool = True, dropout: float = 0.2,
           target_sensitivity: float = 0.8, init_from: str | None = None, pretrain_epochs: int = 0,
           target: str = "survival", n_boot: int = 2000, init: str | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, deadline: float | None = None) -> Path:
     """Train, calibrate and threshold the mortality classifier; returns best.ckpt.
 
     ``pretrain_epochs > 0`` first runs :func:`pretrain` on the films of patients without
@@ -216,11 +217,12 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 20, s
     if target not in ("survival", "phantom_risk"):
         raise ValueError(f"target must be 'survival' or 'phantom_risk', got {target!r}")
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
+                    deadline=deadline)
     dev = run.device
     if pretrain_epochs and not init_from:  # seeds torch again, as this run did: same state either way
         init_from = str(pretrain(records, Path(out_dir) / "pretrain", epochs=pretrain_epochs, seed=seed,
-                                 device=device, init=init, progress=progress))
+                                 device=device, init=init, progress=progress, deadline=deadline))
     usable = usable_records(records)
     if len({died(r) for r in usable}) < 2:
         raise ValueError(f"need films of patients who died and who survived; got {len(usable)} usable records")

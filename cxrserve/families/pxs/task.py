@@ -180,7 +180,8 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
              batch_size: int = 8, lr: float = 3e-4, margin: float = 50.0, val_fraction: float = 0.15, seed: int = 0,
              patience: int = 3, exclude_scored: bool = True, augment: bool = True, max_val: int | None = 160,
              head_gain: float = 1.0, resume: bool = False, device: str = "auto", demo: bool = False,
-             version: str = "0.1.0", init: str | None = None, progress: bool = True) -> Path:
+             version: str = "0.1.0", init: str | None = None, progress: bool = True,
+             deadline: float | None = None) -> Path:
     """Stage 1: contrastive pre-training on normal vs abnormal weak labels; returns best.ckpt.
 
     The seed fine-tuned an ImageNet DenseNet at lr 2e-5; nothing here downloads
@@ -188,7 +189,8 @@ def pretrain(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 4,
     :func:`pretrain_records`.
     """
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
+                    deadline=deadline)
     dev = run.device
     usable_records = pretrain_records(records, exclude_scored)
     labels_all = {r.path: weak_label(r) for r in usable_records}
@@ -260,7 +262,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
           normals_as_zero: int = 0, augment: bool = True, max_val: int | None = None, head_gain: float = 1.0,
           resume: bool = False,
           device: str = "auto", demo: bool = False, version: str = "0.1.0", init: str | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, deadline: float | None = None) -> Path:
     """Stage 2: MSE between pair distances and |severity differences|; returns best.ckpt.
 
     Data: frontal adult records with a severity score (the 73 ieee8023 images, or
@@ -273,7 +275,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, pretrained: str | P
     # select="last": no early stop, the last epoch is kept (no peeking at a held-out fold)
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
                     batch_size=batch_size, lr=lr, patience=patience if select == "best" else epochs, resume=resume,
-                    progress=progress)
+                    progress=progress, deadline=deadline)
     dev = run.device
     if fold is not None:
         scored = _scored_for_training(records, target)

@@ -280,7 +280,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
           resume: bool = False, device: str = "auto", demo: bool = False, version: str = "0.1.0",
           max_val: int | None = None, max_fit: int | None = None, augment: bool = True,
           exclude_scored: bool = True, include_paediatric: bool = False, n_splits: int = 50,
-          init: str | None = None, progress: bool = True) -> Path:
+          init: str | None = None, progress: bool = True, deadline: float | None = None) -> Path:
     """Pre-train the 18-output DenseNet, then fit the severity maps; returns best.ckpt.
 
     With ``exclude_scored`` (real data) the maps are fitted on every scored image and
@@ -289,7 +289,8 @@ def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 12, s
     the validation images.
     """
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
+                    deadline=deadline)
     dev = run.device
     records = list(records)
     pretrain = pretraining_records(records, exclude_scored, include_paediatric)

@@ -77,10 +77,12 @@ def training_split(records: Sequence[Record], val_fraction: float = 0.2, seed: i
 def train(records: Sequence[Record], out_dir: str | Path, *, epochs: int = 30, steps_per_epoch: int | None = None,
           batch_size: int = 8, lr: float = 1e-3, val_fraction: float = 0.2, seed: int = 0, patience: int = 6,
           resume: bool = False, device: str = "auto", demo: bool = False, version: str = "0.1.0",
-          max_val: int | None = None, init: str | None = None, progress: bool = True) -> Path:
+          max_val: int | None = None, init: str | None = None, progress: bool = True,
+          deadline: float | None = None) -> Path:
     """Train the lung U-Net on records that have ground-truth masks; returns best.ckpt."""
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
+                    deadline=deadline)
     train_set, val_set = training_split(records, val_fraction, seed)
     usable = train_set + val_set
     val_set = val_set[:max_val] if max_val else val_set

@@ -85,14 +85,15 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
           seed: int = 0, patience: int = 6, resume: bool = False, device: str = "auto", demo: bool = False,
           version: str = "0.1.0", include_paediatric: bool = False, crop_source: str = "predicted",
           max_val: int | None = None, augment: bool = True, dropout: float = 0.2,
-          init: str | None = None, progress: bool = True) -> Path:
+          init: str | None = None, progress: bool = True, deadline: float | None = None) -> Path:
     """Train the classifier on lung crops cut by the segmentation checkpoint ``segmentation``.
 
     ``crop_source="truth"`` cuts training crops from ground-truth masks where a record
     has one (same box rules); the demo recipe uses it to skip segmenting every phantom.
     """
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
+                    deadline=deadline)
     dev = run.device
     train_set, val_set = training_split(records, val_fraction, seed, include_paediatric)
     val_set = val_set[:max_val] if max_val else val_set

@@ -184,7 +184,7 @@ def train(records: Sequence[Record], out_dir: str | Path, *, arch: str | dict = 
           seed: int = 0, patience: int = 4, resume: bool = False, device: str = "auto", demo: bool = False,
           version: str = "0.1.0", max_val: int | None = None, augment: bool = True,
           text_sampling: str = "report", include_paediatric: bool = False, warmup_steps: int | None = None,
-          report: bool = True, progress: bool = True) -> Path:
+          report: bool = True, progress: bool = True, deadline: float | None = None) -> Path:
     """Contrastive training on image/report pairs; returns ``best.ckpt``.
 
     The best epoch is the one with the lowest contrastive loss on the validation pairs:
@@ -197,7 +197,8 @@ def train(records: Sequence[Record], out_dir: str | Path, *, arch: str | dict = 
     the validation split with the best checkpoint.
     """
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress)
+                    batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
+                    deadline=deadline)
     dev = run.device
     usable = usable_records(records, include_paediatric)
     if len(usable) < 8:
