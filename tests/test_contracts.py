@@ -90,7 +90,8 @@ def images() -> dict[str, np.ndarray]:
 
 def preprocessing_problems(comp: ComponentContract, test_images: dict[str, np.ndarray]) -> list[str]:
     """The contract's input against the preprocessing registry and what the transform gives."""
-    from cxrserve.core.transforms import PREPROCESSING, build_transform
+    from cxrserve.core.preprocessing import PREPROCESSING
+    from cxrserve.core.transforms import build_transform
 
     spec = comp.input
     p = PREPROCESSING.get(comp.preprocessing)

@@ -123,11 +123,6 @@ SHARED = ("core", "packaging", "tools")
 SOURCE_SUFFIXES = (".py", ".js", ".html")
 #: Fields every answer has, whatever the family (the core's common response and error body).
 COMMON_SCHEMAS = (REPO / "docs" / "schemas" / "common.schema.json", REPO / "docs" / "schemas" / "error.schema.json")
-#: Left for now, and listed so that nothing joins them: the core's named preprocessing
-#: pipelines (a card names its pipeline; they move into their families with issue 21's
-#: next step) and the metrics' maps of scores read by field name.
-KNOWN = {"core/transforms.py": {"lungseg", "triage", "pxs", "mortality"}, "core/fastdecode.py": {"triage"},
-         "core/servemetrics.py": {"probabilities"}}
 #: Card placeholders: ``{path}`` or ``{path:fmt}``; ``{{`` is a brace.
 PLACEHOLDER = re.compile(r"\{([^{}:]+)(?::[^{}]*)?\}")
 #: JavaScript: comments (dropped), string literals, then identifiers with the character before them.
@@ -219,11 +214,10 @@ def family_names_in(root: Path) -> list[str]:
             if path.suffix not in SOURCE_SUFFIXES or "__pycache__" in path.parts:
                 continue
             rel = path.relative_to(root)
-            known = KNOWN.get(rel.as_posix(), set()) if root == PACKAGE else set()
             if path.suffix == ".py":
                 for line, text in _python_strings(path):
                     offenders += [f"{rel}:{line} {hit!r} in {text[:50]!r}" for hit in
-                                  _hits(text, names, keys, fields, words=False) if hit not in known]
+                                  _hits(text, names, keys, fields, words=False)]
             elif path.suffix == ".js":
                 source = path.read_text()
                 for match in JS_TOKEN.finditer(source):

@@ -86,7 +86,7 @@ def test_batch_metrics_records():
         MalformedInput("bad"),
         NotFrontalCXR("inverted", detail={"input_gate": gate}),
     ]
-    recs = batch_metrics(results, {"decode": 0.01})
+    recs = batch_metrics(results, {"decode": 0.01}, ("probabilities",))
     names = [(r.name, dict(r.dims)) for r in recs]
     assert ("Stage_decode", {}) in names
     assert ("CXRRequests", {"Status": "200", "Outcome": "ok"}) in names
@@ -95,4 +95,7 @@ def test_batch_metrics_records():
     assert ("CXRGateVerdicts", {"Verdict": "inverted_cxr", "Enforced": "true"}) in names
     scores = {dict(r.dims)["Output"]: r.value for r in recs if r.name == "CXRScore"}
     assert scores == {"probabilities.a": 0.25, "probabilities.b": 0.75, "pxs_score": 3.5}
+    # a map is read only where the pipeline declares it (Pipeline.score_maps)
+    undeclared = {dict(r.dims)["Output"] for r in batch_metrics(results, {}) if r.name == "CXRScore"}
+    assert undeclared == {"pxs_score"}
     assert next(r for r in recs if r.name == "Stage_decode").value == pytest.approx(10.0)

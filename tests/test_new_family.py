@@ -24,6 +24,7 @@ PACKAGE = {
     "__init__.py": '''
         """A throwaway family: image brightness as a "score" (proves the one-folder recipe)."""
         from cxrserve.core.family import Family, Served
+        from tinyfam import preprocessing  # noqa: F401  registers the pipeline its card names
 
         FAMILY = Family(
             name="tiny", package=__name__, rank=999, presentation="tinyfam.presentation:PRESENTATION",
@@ -58,6 +59,18 @@ PACKAGE = {
                         out["glow_png"] = base64.b64encode(cv2.imencode(".png", glow)[1].tobytes()).decode()
                     results.append(out)
                 return results
+    ''',
+    "preprocessing.py": '''
+        from cxrserve.core.preprocessing import Preprocessing, register_preprocessing
+
+
+        def _tiny():
+            from cxrserve.core.transforms import Compose, Resize, ScaleIntensity, ToTensor
+
+            return Compose([Resize(64), ScaleIntensity(1 / 255), ToTensor()])
+
+
+        TINY = register_preprocessing(Preprocessing("tiny", 1, 64, 1, _tiny, (0.0, 1.0), "squash to 64, x/255, grey"))
     ''',
     "presentation.py": '''
         from cxrserve.core.family import NO_UNITS, CardLine, Num, Picture, Presentation, Report, private
@@ -104,7 +117,7 @@ PACKAGE = {
 
         def train(records, out_dir, *, demo=False, version="0.1.0", **_):
             """Least squares of geographic extent on mean brightness: a model in milliseconds."""
-            cache, transform = ImageCache(), build_transform("lungseg")
+            cache, transform = ImageCache(), build_transform("tiny")
             scored = [r for r in records if r.geographic_extent is not None][:64]
             x = np.array([float(transform(cache.image(r)).mean()) for r in scored])
             y = np.array([r.geographic_extent for r in scored])
@@ -114,7 +127,7 @@ PACKAGE = {
                 model.linear.weight.fill_(float(slope))
                 model.linear.bias.fill_(float(intercept))
             card = ModelCard(name="tiny", architecture="tiny_mean_brightness", task="regression",
-                             preprocessing="lungseg", demo=demo, version=version)
+                             preprocessing="tiny", demo=demo, version=version)
             return save_checkpoint(Path(out_dir) / "best.ckpt", model, card)
     ''',
     "recipes.yaml": '''
@@ -144,10 +157,12 @@ def tiny_family(tmp_path, monkeypatch):
 
     families.register(tinyfam.FAMILY)
     yield tinyfam.FAMILY
+    from cxrserve.core.preprocessing import PREPROCESSING
     from cxrserve.models import MODELS
 
     families.unregister("tiny")
     MODELS.pop("tiny_mean_brightness", None)
+    PREPROCESSING.pop("tiny", None)
     for mod in [m for m in sys.modules if m == "tinyfam" or m.startswith("tinyfam.")]:
         del sys.modules[mod]
 

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from cxrserve.core.transforms import (PREPROCESSING, CenterCrop, PadToSquare, SeedThreeChannel, TrimBorder,
-                                 build_augment, build_transform)
+from cxrserve import families
+from cxrserve.core.transforms import CenterCrop, PadToSquare, SeedThreeChannel, TrimBorder, build_augment, build_transform
+
+#: every registered pipeline: the core's and each family's (read through the registry)
+PREPROCESSING = families.preprocessings()
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Each family folder holds ``contract.yaml`` (found through :attr:`Family.folder`,
 bundle's ``network_data_format``), in three parts:
 
 * ``components``: per exported component (the folder name inside an archive), its
-  preprocessing (a :data:`cxrserve.core.transforms.PREPROCESSING` name, as in the card), the
+  preprocessing (a :data:`cxrserve.core.preprocessing.PREPROCESSING` name, as in the card), the
   tensor it reads (dtype, ``[C, H, W]`` shape, channel meanings, value range, what a uniform
   grey level becomes) and the tensors it returns (name, shape, dtype, range, and a sum or an
   L2 norm along the last axis where the network fixes one);

@@ -235,16 +235,10 @@ def mono_reduced(ds, rows: int, cols: int, bits_stored: int, signed: bool, photo
 
 
 # --------------------------------------------------------------------------- what to decode
-#: Shorter side of the source a preprocessing needs for its output to match the
-#: full-resolution path's (beyond the default of twice its input size).
-SOURCE_NEED = {
-    # the classifier reads a lung crop of up to 512 px long side; the crop is about half
-    # to three quarters of the film, so the film must keep about 1,024 px
-    "triage_crop": 1024,
-}
-
-
 def decode_need(cards) -> int:
     """Shorter side to decode for these components (cards): the largest need of any."""
-    needs = [SOURCE_NEED.get(c.preprocessing, 2 * int(c.input_size)) for c in cards]
+    from cxrserve.core.preprocessing import PREPROCESSING
+
+    # a pipeline declares what it needs beyond the default of twice its input size
+    needs = [getattr(PREPROCESSING.get(c.preprocessing), "source_need", 0) or 2 * int(c.input_size) for c in cards]
     return max(needs) if needs else 1024

@@ -172,8 +172,9 @@ class Pipeline:
     autograd_components: ClassVar[tuple[str, ...]] = ()
     extra_images: ClassVar[tuple[str, ...]] = ()
     OPTIONS: ClassVar[dict[str, Option]] = {}
-    #: response fields (dotted paths) that are this model's main numbers: the columns
-    #: ``cxrserve batch --model cxr-study`` writes for it
+    #: response fields holding a ``{label: score}`` map: the serving metrics histogram each
+    #: score (``core.servemetrics``); top-level floats are scores without being declared
+    score_maps: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_dir: str | Path, *, device: torch.device | None = None,
                  config: dict | None = None, shared: dict | None = None):

@@ -14,8 +14,9 @@ With ``metrics_mode=prometheus`` and ``model_metrics_auto_detect=true``
 ``CXRGateRejections``        counter    422s from the input gate, by ``Verdict``
 ``CXRGateScore``             histogram  the gate's P(frontal CXR) for every screened image
 ``CXRScore``                 histogram  each response's scores by ``Output``: every
-                                        probability (``probabilities.<label>``) and
-                                        every top-level float (e.g. ``pxs_score``)
+                                        score of a declared map (``<map>.<label>``,
+                                        ``Pipeline.score_maps``) and every top-level
+                                        float
 ===========================  =========  ==========================================
 
 :func:`batch_metrics` is pure (results in, metric records out) so it is tested
@@ -40,18 +41,18 @@ class MetricRecord:
     dims: tuple[tuple[str, str], ...] = ()
 
 
-def _scores(result: dict) -> Iterable[tuple[str, float]]:
+def _scores(result: dict, score_maps: tuple[str, ...]) -> Iterable[tuple[str, float]]:
     for key, value in result.items():
         if isinstance(value, float) and key not in NOT_SCORES:
             yield key, value
-        elif key in ("probabilities", "scores", "findings") and isinstance(value, dict):
+        elif key in score_maps and isinstance(value, dict):
             for label, p in value.items():
                 if isinstance(p, (int, float)) and not isinstance(p, bool):
                     yield f"{key}.{label}", float(p)
         elif key == "results" and isinstance(value, dict):  # cxr-study: each family's section
             for family, section in value.items():
                 if isinstance(section, dict) and "error" not in section:
-                    yield from ((f"{family}.{k}", v) for k, v in _scores(section))
+                    yield from ((f"{family}.{k}", v) for k, v in _scores(section, score_maps))
 
 
 def _gate(gate: dict) -> list[MetricRecord]:
@@ -60,8 +61,12 @@ def _gate(gate: dict) -> list[MetricRecord]:
             MetricRecord("CXRGateScore", "histogram", float(gate["score"]))]
 
 
-def batch_metrics(results: list, timings: dict[str, float]) -> list[MetricRecord]:
-    """Metric records for one handled batch (``results``: response dicts or input errors)."""
+def batch_metrics(results: list, timings: dict[str, float], score_maps: tuple[str, ...] = ()) -> list[MetricRecord]:
+    """Metric records for one handled batch (``results``: response dicts or input errors).
+
+    ``score_maps``: the response fields that hold ``{label: score}`` maps, as the served
+    pipeline declares them (``Pipeline.score_maps``; a composed one's are its families').
+    """
     out = [MetricRecord(f"Stage_{stage}", "time", seconds * 1000.0) for stage, seconds in timings.items()]
     for result in results:
         if isinstance(result, CXRInputError):
@@ -76,7 +81,7 @@ def batch_metrics(results: list, timings: dict[str, float]) -> list[MetricRecord
         gate = result.get("input_gate")
         if gate:
             out.extend(_gate(gate))
-        for output, value in _scores(result):
+        for output, value in _scores(result, tuple(score_maps)):
             out.append(MetricRecord("CXRScore", "histogram", value, (("Output", output),)))
     return out
 

@@ -166,7 +166,7 @@ class CXRHandler(BaseHandler):
         if metrics is None:
             return
         try:
-            emit(metrics, batch_metrics(results, timings))
+            emit(metrics, batch_metrics(results, timings, self.pipeline.score_maps))
         except Exception:  # metrics must never fail a request that was answered
             log.exception("could not emit metrics")
 

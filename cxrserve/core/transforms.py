@@ -7,34 +7,22 @@ handlers and the batch client all call :func:`build_transform` with the name sto
 the model's card, so a model never sees a different preprocessing at serve time than
 it saw at evaluation time.
 
-The pipelines (input: the decoder's uint8 grey image, see :mod:`cxrserve.core.imageio`):
-
-=================  =====================================================================
-``lungseg``        squash to 224 x 224 -> [0, 1] -> (x - 0.5) / 0.25, 1 channel (seed 001)
-``triage_crop``    lung crop (long side <= 512) -> Otsu | CLAHE(3.0, 8x8) | adaptive
-                   Gaussian threshold after median blur -> squash to 224 -> [0, 1],
-                   3 channels (seed 001)
-``pxs``            trim near-black border -> global histogram equalisation -> short side
-                   336 -> centre crop 320 -> [0, 1] -> grey x 3 channels (seed 000)
-``xrv``            centre crop square -> 224 -> (2x/255 - 1) * 1024, 1 channel
-                   (torchxrayvision / Cohen et al., seed 003)
-``chexzero``       long side 320 -> zero pad 320 x 320 -> (x - 101.48761) / 83.43944
-                   -> x 3 channels -> bicubic 224 (CheXzero, seed 002)
-``mortality``      squash to 224 -> [0, 1] -> ImageNet mean/std, 3 channels (seed 004)
-``gate``           squash to 128 -> [0, 1], 1 channel (input gate, ours)
-=================  =====================================================================
+The named pipelines (input: the decoder's uint8 grey image, see :mod:`cxrserve.core.imageio`)
+are registered by their owners in :mod:`cxrserve.core.preprocessing`: the input gate's
+there, each family's in its own ``preprocessing.py``.
 
 Random augmentation is kept apart (:func:`build_augment`), applied to the uint8 image
 before the deterministic pipeline, with its own RNG.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
+
+from cxrserve.core.preprocessing import Preprocessing, get_preprocessing, register_preprocessing
 
 Array = np.ndarray
 
@@ -236,80 +224,16 @@ class Compose:
         return "Compose(" + ", ".join(type(t).__name__ for t in self.transforms) + ")"
 
 
-# --------------------------------------------------------------------------- registry
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CHEXZERO_MEAN, CHEXZERO_STD = 101.48761, 83.43944
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """A named, versioned pipeline; cards store ``name`` and ``version``."""
-
-    name: str
-    version: int
-    input_size: int
-    channels: int
-    build: Callable[[], Compose]
-    value_range: tuple[float, float]
-    description: str
-
-
-PREPROCESSING: dict[str, Preprocessing] = {}
-
-
-def _register(p: Preprocessing) -> None:
-    if p.name in PREPROCESSING:
-        raise KeyError(f"preprocessing {p.name!r} registered twice")
-    PREPROCESSING[p.name] = p
-
-
-_register(Preprocessing(
-    "lungseg", 1, 224, 1,
-    lambda: Compose([Resize(224), ScaleIntensity(1 / 255), Normalize(0.5, 0.25), ToTensor()]),
-    (-2.0, 2.0), "squash to 224, (x/255 - 0.5)/0.25, grey",
-))
-_register(Preprocessing(
-    "triage_crop", 1, 224, 3,
-    lambda: Compose([LimitLongSide(512), SeedThreeChannel(), Resize(224), ScaleIntensity(1 / 255), ToTensor()]),
-    (0.0, 1.0), "lung crop <= 512 px, Otsu | CLAHE | adaptive threshold, squash to 224, x/255",
-))
-_register(Preprocessing(
-    "pxs", 1, 320, 3,
-    lambda: Compose([TrimBorder(2), EqualizeHist(), ResizeShortSide(336), CenterCrop(320),
-                     ScaleIntensity(1 / 255), RepeatChannels(3), ToTensor()]),
-    (0.0, 1.0), "trim border, histogram equalisation, short side 336, centre crop 320, x/255, x3",
-))
-_register(Preprocessing(
-    "xrv", 1, 224, 1,
-    lambda: Compose([CenterCropSquare(), Resize(224), ScaleIntensity(2048 / 255, -1024), ToTensor()]),
-    (-1024.0, 1024.0), "centre crop square, 224, (2x/255 - 1) * 1024, grey",
-))
-_register(Preprocessing(
-    "chexzero", 1, 224, 3,
-    lambda: Compose([ResizeLongSide(320), PadToSquare(320), Normalize(CHEXZERO_MEAN, CHEXZERO_STD),
-                     Resize(224, cv2.INTER_CUBIC), RepeatChannels(3), ToTensor()]),
-    (-1.6, 2.2), "long side 320, zero pad 320, (x - 101.48761)/83.43944, bicubic 224 (may overshoot), x3",
-))
-_register(Preprocessing(
-    "mortality", 1, 224, 3,
-    lambda: Compose([Resize(224), ScaleIntensity(1 / 255), RepeatChannels(3),
-                     Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensor()]),
-    (-2.2, 2.7), "squash to 224, x/255, x3, ImageNet mean/std",
-))
-_register(Preprocessing(
-    "gate", 1, 128, 1,
-    lambda: Compose([Resize(128), ScaleIntensity(1 / 255), ToTensor()]),
-    (0.0, 1.0), "squash to 128, x/255, grey",
-))
+# --------------------------------------------------------------------------- named pipelines
+#: The input gate's pipeline, the core's own: its component runs in every archive, whatever family it serves.
+GATE = register_preprocessing(Preprocessing(
+    "gate", 1, 128, 1, lambda: Compose([Resize(128), ScaleIntensity(1 / 255), ToTensor()]),
+    (0.0, 1.0), "squash to 128, x/255, grey"))
 
 
 def build_transform(name: str) -> Compose:
-    """The deterministic eval/serve pipeline registered under ``name``."""
-    try:
-        return PREPROCESSING[name].build()
-    except KeyError:
-        raise KeyError(f"unknown preprocessing {name!r}; known: {sorted(PREPROCESSING)}") from None
+    """The deterministic eval/serve pipeline registered under ``name`` (:mod:`cxrserve.core.preprocessing`)."""
+    return get_preprocessing(name).build()
 
 
 # --------------------------------------------------------------------------- augmentation

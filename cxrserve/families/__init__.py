@@ -133,6 +133,15 @@ def recipe_components(kind: str) -> dict[str, dict]:
     return out
 
 
+def preprocessings() -> dict:
+    """Every named preprocessing pipeline: the core's and each family's (a family registers its
+    own when its package is imported, :mod:`cxrserve.core.preprocessing`)."""
+    from cxrserve.core.preprocessing import PREPROCESSING
+
+    families()  # imports every family's package, which registers its pipelines
+    return dict(sorted(PREPROCESSING.items()))
+
+
 def cli_modules() -> tuple[str, ...]:
     return tuple(m for f in families().values() for m in f.cli)
 

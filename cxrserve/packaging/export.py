@@ -51,9 +51,9 @@ def example_input(card: ModelCard, batch: int = 2, seed: int = 0) -> torch.Tenso
 
 
 def _value_range(card: ModelCard) -> tuple[float, float]:
-    from cxrserve.core.transforms import PREPROCESSING
+    from cxrserve.core.preprocessing import get_preprocessing
 
-    return PREPROCESSING[card.preprocessing].value_range
+    return get_preprocessing(card.preprocessing).value_range
 
 
 class _TupleOutputs(torch.nn.Module):

@@ -3,6 +3,7 @@
 Pipeline: :mod:`.pipeline`; training (class weights, Platt calibration): :mod:`.task`.
 """
 from cxrserve.core.family import Family, Served
+from cxrserve.families.mortality import preprocessing  # noqa: F401  registers the pipelines its cards name
 
 FAMILY = Family(
     name="mortality",

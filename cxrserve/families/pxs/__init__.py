@@ -5,6 +5,7 @@ Pipeline and pool maths: :mod:`.pipeline`; building pools (``cxrserve pool``):
 :mod:`.task`.
 """
 from cxrserve.core.family import Family, Served
+from cxrserve.families.pxs import preprocessing  # noqa: F401  registers the pipelines its cards name
 
 FAMILY = Family(
     name="pxs",

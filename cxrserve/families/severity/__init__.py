@@ -4,6 +4,7 @@ Pipeline: :mod:`.pipeline`; importing torchxrayvision's weights (``cxrserve impo
 :mod:`.xrv_import`; training: :mod:`.task`.
 """
 from cxrserve.core.family import Family, Served
+from cxrserve.families.severity import preprocessing  # noqa: F401  registers the pipelines its cards name
 
 FAMILY = Family(
     name="severity",

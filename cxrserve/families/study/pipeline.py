@@ -136,6 +136,7 @@ class StudyPipeline(Pipeline):
                 log.error("study: family %s unavailable: %s", key, self.unavailable[key])
         self.keys = list(family_classes())
         self.extra_images = tuple(dict.fromkeys(n for f in self.families.values() for n in f.extra_images))
+        self.score_maps = tuple(dict.fromkeys(m for f in self.families.values() for m in f.score_maps))
         # The study's own card: every distinct component its families loaded (shared ones once).
         self.parts = {}
         for fam in self.families.values():

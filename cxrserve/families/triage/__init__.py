@@ -5,6 +5,7 @@ heatmap). Pipelines: :mod:`.pipeline`; lung rules: :mod:`.lungs`; training:
 :mod:`.task_lungseg`, :mod:`.task_triage`.
 """
 from cxrserve.core.family import Family, Served
+from cxrserve.families.triage import preprocessing  # noqa: F401  registers the pipelines its cards name
 
 FAMILY = Family(
     name="triage",

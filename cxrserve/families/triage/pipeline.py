@@ -108,6 +108,7 @@ class LungSegPipeline(Pipeline):
 
 class TriagePipeline(Pipeline):
     name = "cxr-triage"
+    score_maps = ("probabilities",)
     components = ("lungseg", "triage_classifier")
     OPTIONS = {
         "heatmap": Option(parse_bool, False, "return a Grad-CAM heatmap PNG over the original image",

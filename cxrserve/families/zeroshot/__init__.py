@@ -4,6 +4,7 @@ Pipeline: :mod:`.pipeline`; importing CheXzero checkpoints and ``cxrserve zerosh
 :mod:`.importer`; contrastive training: :mod:`.task`.
 """
 from cxrserve.core.family import Family, Served
+from cxrserve.families.zeroshot import preprocessing  # noqa: F401  registers the pipelines its cards name
 from cxrserve.families.zeroshot.labels import CHEXPERT_LABELS
 
 FAMILY = Family(

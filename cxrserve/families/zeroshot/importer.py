@@ -102,9 +102,9 @@ def import_checkpoints(paths: Iterable[str | Path], out: str | Path, *, version:
             raise FileNotFoundError(path)
     model = ZeroShotCLIP.from_state_dicts([_read_state_dict(p) for p in paths])
     config = model.config
-    from cxrserve.core.transforms import PREPROCESSING as _PRE
+    from cxrserve.families.zeroshot.preprocessing import CHEXZERO
 
-    size = _PRE[PREPROCESSING].input_size
+    size = CHEXZERO.input_size
     if config["image_resolution"] != size:
         raise ValueError(f"checkpoints take {config['image_resolution']} px images; the '{PREPROCESSING}' "
                          f"preprocessing feeds {size} px (CheXzero's released ViT-B/32 checkpoints)")

@@ -212,6 +212,7 @@ class ZeroShotPipeline(Pipeline):
     """``cxr-zeroshot``: probability of each finding from prompt-pair similarities."""
 
     name = "cxr-zeroshot"
+    score_maps = ("probabilities",)
     components = (COMPONENT,)
     OPTIONS = {
         "labels": Option(parse_labels, None,

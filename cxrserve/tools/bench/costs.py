@@ -49,13 +49,14 @@ def preprocess_costs(image: np.ndarray, seconds: float) -> list[dict]:
     """Each named preprocessing pipeline, and its costly steps, on one full-size uint8 image."""
     import cv2
 
+    from cxrserve import families
     from cxrserve.core import transforms as T
 
     limited = T.LimitLongSide(512)(image)
     three = T.SeedThreeChannel()
     short = min(limited.shape[:2])
     steps: list[tuple[str, str, Callable[[], Any]]] = [
-        (name, "pipeline", (lambda tr: lambda: tr(image))(T.build_transform(name))) for name in T.PREPROCESSING
+        (name, "pipeline", (lambda tr: lambda: tr(image))(T.build_transform(name))) for name in families.preprocessings()
     ]
     steps += [
         ("squash to 224 (INTER_AREA)", "step", lambda: T.Resize(224)(image)),

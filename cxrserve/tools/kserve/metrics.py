@@ -56,11 +56,11 @@ class Metrics:
     def observe_batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model).observe(size)
 
-    def observe(self, model: str, results: list, timings: dict[str, float]) -> None:
+    def observe(self, model: str, results: list, timings: dict[str, float], score_maps: tuple[str, ...] = ()) -> None:
         from cxrserve.core.servemetrics import batch_metrics
 
         try:
-            for record in batch_metrics(results, timings):
+            for record in batch_metrics(results, timings, score_maps):
                 metric = self._metric(record, model)
                 if record.kind == "time":
                     metric.labels(model, record.name[len("Stage_"):]).observe(record.value / 1000.0)

@@ -66,7 +66,7 @@ def make_model_class():
 
         def _predict_batch(self, items: list) -> list:
             results = self.pipeline.predict(items)
-            self.metrics.observe(self.name, results, self.pipeline.timer.reset())
+            self.metrics.observe(self.name, results, self.pipeline.timer.reset(), self.pipeline.score_maps)
             return results
 
         def _make_item(self, request):

@@ -173,7 +173,7 @@ def test_handler_batch_keeps_each_request_status(unpacked, study, images):
     assert [context.status(i) for i in range(3)] == [200, 200, 415]
     from cxrserve.core.servemetrics import batch_metrics
 
-    outputs = {dict(r.dims).get("Output") for r in batch_metrics(out[:1], {}) if r.name == "CXRScore"}
+    outputs = {dict(r.dims).get("Output") for r in batch_metrics(out[:1], {}, study.score_maps) if r.name == "CXRScore"}
     assert {"triage.probabilities.covid19", "severity.opacity", "mortality.risk"} <= outputs
     assert list(out[0]["results"]) == FAMILIES and list(out[1]["results"]) == ["triage"]
     # KServe v2 (TorchServe's kservev2 envelope): one study's named inputs, options included
