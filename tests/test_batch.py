@@ -18,8 +18,11 @@ import cv2
 import numpy as np
 import pytest
 
-from cxrserve.tools import batch
-from cxrserve.tools.batch import InProcessScorer, RemoteScorer, expand_inputs, run_batch
+from cxrserve.tools.batch import cli as batch_cli
+from cxrserve.tools.batch.inputs import describe_input, expand_inputs
+from cxrserve.tools.batch.rows import make_row
+from cxrserve.tools.batch.run import run_batch
+from cxrserve.tools.batch.scorers import InProcessScorer, RemoteScorer
 from cxrserve.synthetic.dicomwrite import to_dicom
 from cxrserve.synthetic.phantoms import render, sample_spec
 
@@ -119,7 +122,7 @@ def test_interrupted_and_resumed_gives_one_row_per_file(mixed, in_process, tmp_p
 def test_transient_failures_are_rescored_on_resume(mixed, in_process, tmp_path):
     files = expand_inputs([mixed / "study_0.png", mixed / "study_1.png"])
     out = tmp_path / "rows.jsonl"
-    row = batch.make_row(batch.describe_input(files[0], mixed), status=503, error="unavailable", message="busy")
+    row = make_row(describe_input(files[0], mixed), status=503, error="unavailable", message="busy")
     out.write_text(json.dumps(row) + "\n")
     summary = run_batch(files, out, in_process=in_process, root=mixed, progress=False)
     assert summary.retried_from_previous_run == 1 and summary.scored == 2
@@ -128,10 +131,10 @@ def test_transient_failures_are_rescored_on_resume(mixed, in_process, tmp_path):
 
 
 def test_dicom_rows_are_keyed_by_hashed_sop_instance(mixed):
-    item = batch.describe_input(mixed / "Doe^Johnathan_PID-998877" / "IM0001.dcm", mixed)
+    item = describe_input(mixed / "Doe^Johnathan_PID-998877" / "IM0001.dcm", mixed)
     assert item.format == "dicom" and item.input_id.startswith("sop:") and PHI[4] not in item.input_id
     assert item.file.startswith("sha256:")
-    clear = batch.describe_input(mixed / "Doe^Johnathan_PID-998877" / "IM0001.dcm", mixed, dicom_paths="clear")
+    clear = describe_input(mixed / "Doe^Johnathan_PID-998877" / "IM0001.dcm", mixed, dicom_paths="clear")
     assert clear.input_id == item.input_id and "IM0001.dcm" in clear.file
 
 
@@ -175,7 +178,7 @@ def _run(files, out, **kwargs):
 @pytest.mark.serve
 def test_batch_command_line(mixed, served, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    batch.register_cli(parser.add_subparsers())
+    batch_cli.register_cli(parser.add_subparsers())
     out = tmp_path / "cli.csv"
     args = parser.parse_args(["batch", str(mixed), "--model", "cxr-lungseg", "--out", str(out), "--url",
                               served.inference, "--key-file", str(served.workdir / "key_file.json"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import threading
 
-from cxrserve.tools.batch import iter_inputs, make_row, run_batch
+from cxrserve.tools.batch.inputs import iter_inputs
+from cxrserve.tools.batch.rows import make_row
+from cxrserve.tools.batch.run import run_batch
 
 
 class CountingScorer:

@@ -79,7 +79,8 @@ def test_bombs_are_413_fast_without_a_memory_jump(served, bombs, protocol):
 def test_batch_gives_each_bomb_a_413_row(bombs, tmp_path, pipeline):
     import json
 
-    from cxrserve.tools.batch import InProcessScorer, run_batch
+    from cxrserve.tools.batch.run import run_batch
+    from cxrserve.tools.batch.scorers import InProcessScorer
 
     folder = tmp_path / "in"
     folder.mkdir()

@@ -191,7 +191,9 @@ class StudyClient:
 
 
 def test_batch_dicom_out_writes_objects_for_each_processed_dicom(study_scorer, tmp_path):
-    from cxrserve.tools.batch import RemoteScorer, expand_inputs, run_batch
+    from cxrserve.tools.batch.inputs import expand_inputs
+    from cxrserve.tools.batch.run import run_batch
+    from cxrserve.tools.batch.scorers import RemoteScorer
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "frontal.dcm").write_bytes(phantom_dicom(13, size=256, SOPInstanceUID="1.2.826.0.1.3680043.8.498.9001"))

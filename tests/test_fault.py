@@ -16,7 +16,9 @@ import cv2
 import pytest
 import requests
 
-from cxrserve.tools.batch import RemoteScorer, expand_inputs, run_batch
+from cxrserve.tools.batch.inputs import expand_inputs
+from cxrserve.tools.batch.run import run_batch
+from cxrserve.tools.batch.scorers import RemoteScorer
 from cxrserve.tools.client import CXRClient
 from cxrserve.synthetic.phantoms import render, sample_spec
 

@@ -151,7 +151,9 @@ def test_batch_against_the_kserve_endpoint(kserve_served, tmp_path):
     """``cxrserve batch --kserve``: the batch client speaks v2 to a cluster endpoint."""
     import json
 
-    from cxrserve.tools.batch import RemoteScorer, expand_inputs, run_batch
+    from cxrserve.tools.batch.inputs import expand_inputs
+    from cxrserve.tools.batch.run import run_batch
+    from cxrserve.tools.batch.scorers import RemoteScorer
     from cxrserve.tools.client import CXRClient
 
     folder = tmp_path / "in"

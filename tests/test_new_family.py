@@ -297,7 +297,9 @@ def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_st
     from cxrserve.synthetic.dicomwrite import to_dicom
     from cxrserve.synthetic.phantoms import render, sample_spec
     from cxrserve.tools import client, dicom_results
-    from cxrserve.tools.batch import InProcessScorer, headline_columns, run_batch
+    from cxrserve.tools.batch.rows import headline_columns
+    from cxrserve.tools.batch.run import run_batch
+    from cxrserve.tools.batch.scorers import InProcessScorer
 
     repo_build = Path(__file__).resolve().parents[1] / "build"
     work, store = _work(tmp_path, repo_build), tmp_path / "store"

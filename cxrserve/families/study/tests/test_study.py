@@ -189,7 +189,9 @@ def test_handler_batch_keeps_each_request_status(unpacked, study, images):
 
 
 def test_batch_writes_every_familys_headline_columns(study, images, tmp_path):
-    from cxrserve.tools.batch import InProcessScorer, headline_columns, run_batch
+    from cxrserve.tools.batch.rows import headline_columns
+    from cxrserve.tools.batch.run import run_batch
+    from cxrserve.tools.batch.scorers import InProcessScorer
 
     folder = tmp_path / "in"
     folder.mkdir()
