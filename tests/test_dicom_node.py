@@ -18,6 +18,8 @@ import pydicom
 import pytest
 
 from cxrserve.tools import dicom_results as dr
+from cxrserve.tools.dicom_results import codes as dr_codes
+from cxrserve.tools.dicom_results import response as dr_response
 from cxrserve.tools.node.config import load_config
 from cxrserve.tools.node.receive import sop_hash
 from cxrserve.tools.node.service import Node
@@ -161,16 +163,16 @@ def test_chest_dicom_comes_back_as_sr_seg_and_heatmaps(node, node_port, orthanc,
         assert errors == [], f"{kind}: {errors}"
     nums, codes, _ = sr_values(tmp_path / "sr.dcm")
     r = response["results"]
-    assert nums[dr.CODES["p_normal"].value][0] == pytest.approx(r["triage"]["probabilities"]["normal"])
-    assert nums[dr.CODES["pxs"].value][0] == pytest.approx(r["pxs"]["pxs"])
-    assert nums[dr.CODES["geographic_extent"].value][0] == pytest.approx(r["severity"]["geographic_extent"])
-    assert nums[dr.CODES["mortality_risk"].value][0] == pytest.approx(r["mortality"]["risk"])
+    assert nums[dr_codes.CODES["p_normal"].value][0] == pytest.approx(r["triage"]["probabilities"]["normal"])
+    assert nums[dr_codes.CODES["pxs"].value][0] == pytest.approx(r["pxs"]["pxs"])
+    assert nums[dr_codes.CODES["geographic_extent"].value][0] == pytest.approx(r["severity"]["geographic_extent"])
+    assert nums[dr_codes.CODES["mortality_risk"].value][0] == pytest.approx(r["mortality"]["risk"])
     import highdicom as hd
     import numpy as np
 
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     mask = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
-    assert np.array_equal(mask.astype(bool), dr.mask_from_png(r["lungseg"]["mask_png"]))
+    assert np.array_equal(mask.astype(bool), dr_response.mask_from_png(r["lungseg"]["mask_png"]))
     # a resend of the same instance is acknowledged and makes no second result set
     assert send(tmp_path, "again.dcm", data, port=node_port).returncode == 0
     time.sleep(2)
@@ -196,9 +198,9 @@ def test_prior_in_orthanc_gives_the_change(node, node_port, orthanc, recording, 
     (tmp_path / "sr.dcm").write_bytes(orthanc.file(sr["id"]))
     nums, codes, _ = sr_values(tmp_path / "sr.dcm")
     pxs = got["response"]["results"]["pxs"]
-    assert nums[dr.CODES["prior_pxs"].value][0] == pytest.approx(pxs["prior"]["pxs"])
-    assert nums[dr.CODES["pxs_difference"].value][0] == pytest.approx(pxs["change"]["pxs_difference"])
-    assert codes[dr.CODES["pxs_change"].value] == dr.CODES[f"change_{pxs['change']['direction']}"].value
+    assert nums[dr_codes.CODES["prior_pxs"].value][0] == pytest.approx(pxs["prior"]["pxs"])
+    assert nums[dr_codes.CODES["pxs_difference"].value][0] == pytest.approx(pxs["change"]["pxs_difference"])
+    assert codes[dr_codes.CODES["pxs_change"].value] == dr_codes.CODES[f"change_{pxs['change']['direction']}"].value
     # the prior's study got nothing from this
     assert results_in(orthanc, "1.2.826.0.1.3680043.8.498.7201") == {}
 

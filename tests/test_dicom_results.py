@@ -13,7 +13,10 @@ import pytest
 
 from cxrserve import families
 from cxrserve.families.zeroshot.presentation import finding_code
+from cxrserve.core.family import PRIVATE_SCHEME
 from cxrserve.tools import dicom_results as dr
+from cxrserve.tools.dicom_results import codes as dr_codes
+from cxrserve.tools.dicom_results import response as dr_response
 from cxrserve.synthetic.dicomwrite import to_dicom
 from cxrserve.synthetic.phantoms import render, sample_spec
 from dicomtools import dciodvfy, have
@@ -97,7 +100,7 @@ def test_sr_numbers_equal_the_response(made):
     _, response, _, paths = made
     r = response["results"]
     nums, codes, algorithms = sr_values(paths["sr"])
-    c = dr.CODES
+    c = dr_codes.CODES
     assert nums[c["p_covid19"].value] == (pytest.approx(r["triage"]["probabilities"]["covid19"]), "1")
     assert nums[c["p_normal"].value][0] == pytest.approx(r["triage"]["probabilities"]["normal"])
     assert nums[c["p_pneumonia"].value][0] == pytest.approx(r["triage"]["probabilities"]["pneumonia"])
@@ -112,7 +115,7 @@ def test_sr_numbers_equal_the_response(made):
     for label, p in r["zeroshot"]["probabilities"].items():
         assert nums[finding_code(label).value][0] == pytest.approx(p)
     assert nums[c["gate_score"].value][0] == pytest.approx(response["input_gate"]["score"])
-    assert codes[c["gate_verdict"].value] == dr.gate_code(response["input_gate"]["verdict"]).value
+    assert codes[c["gate_verdict"].value] == dr_codes.gate_code(response["input_gate"]["verdict"]).value
     # TID 4019 per family: name and version of each section's model
     named = {name: version for name, version, _ in algorithms}
     for family in FAMILIES:
@@ -122,9 +125,9 @@ def test_sr_numbers_equal_the_response(made):
     assert codes[c["research_use"].value] == c["yes"].value
     ds = pydicom.dcmread(paths["sr"])
     texts = [it.TextValue for it in ds.ContentSequence[-1].ContentSequence]
-    assert texts == [dr.RESEARCH_NOTICE]
+    assert texts == [dr_codes.RESEARCH_NOTICE]
     assert "RESEARCH USE ONLY" in ds.SeriesDescription
-    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == dr.PRIVATE_SCHEME
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
 
 
 def test_seg_mask_equals_the_served_mask(made):
@@ -134,7 +137,7 @@ def test_seg_mask_equals_the_served_mask(made):
     seg = hd.seg.segread(paths["seg"])
     # the frame highdicom finds for the source instance: the SEG references that image
     mask = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])[0, ..., 0]
-    served = dr.mask_from_png(response["results"]["lungseg"]["mask_png"])
+    served = dr_response.mask_from_png(response["results"]["lungseg"]["mask_png"])
     assert mask.shape == served.shape == (int(source.Rows), int(source.Columns))
     assert np.array_equal(mask.astype(bool), served)
     assert served.any()
@@ -152,7 +155,7 @@ def test_heatmaps_are_labelled_secondary_captures(made):
         assert ds.SeriesNumber == picture.series_number
         assert picture.label in ds.SeriesDescription and picture.label in ds.ImageComments
         assert "RESEARCH USE ONLY" in ds.ImageComments
-        served = dr.decode_png(response["results"][name.removeprefix("cxr-")][picture.field])[..., :3]
+        served = dr_response.decode_png(response["results"][name.removeprefix("cxr-")][picture.field])[..., :3]
         assert np.array_equal(ds.pixel_array, served)
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
@@ -219,6 +222,6 @@ def test_a_failed_family_is_left_out_and_the_others_still_reported(made, tmp_pat
     assert {dr.kind_of(d) for d in objects} == {"sr", "seg", "sc-triage", "sc-severity"}
     (path,) = [p for p in dr.write_results(objects, tmp_path) if p.stem == "sr"]
     nums, _, algorithms = sr_values(path)
-    assert dr.CODES["mortality_risk"].value not in nums
-    assert dr.CODES["pxs"].value in nums
+    assert dr_codes.CODES["mortality_risk"].value not in nums
+    assert dr_codes.CODES["pxs"].value in nums
     assert "cxr-mortality" not in {name for name, _, _ in algorithms}

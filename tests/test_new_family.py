@@ -297,6 +297,7 @@ def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_st
     from cxrserve.synthetic.dicomwrite import to_dicom
     from cxrserve.synthetic.phantoms import render, sample_spec
     from cxrserve.tools import client, dicom_results
+    from cxrserve.tools.dicom_results import response as dr_response
     from cxrserve.tools.batch.rows import headline_columns
     from cxrserve.tools.batch.run import run_batch
     from cxrserve.tools.batch.scorers import InProcessScorer
@@ -330,7 +331,7 @@ def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_st
     assert number.name.value == "CXR9991" and number.value == pytest.approx(expected["score"])
     sc = pydicom.dcmread(paths["sc-tiny"])
     assert sc.SeriesNumber == 9990 and "Tiny glow map" in sc.SeriesDescription
-    assert np.array_equal(sc.pixel_array, dicom_results.decode_png(expected["glow_png"])[..., :3])
+    assert np.array_equal(sc.pixel_array, dr_response.decode_png(expected["glow_png"])[..., :3])
 
     # batch CSV: its status and headline column
     out = tmp_path / "study.csv"
