@@ -22,9 +22,18 @@ model of the registry):
    patient-level validation split its training held out (rebuilt from the split
    settings in its card with the task's ``training_split`` or the same split call),
    with the task's ``evaluate``; writes ``WORK/eval/<archive>.json``;
-5. writes ``WORK/MODEL_CARD_real.md``, a model-card fragment generated from those JSON
-   files only: each value with its 95 % interval where measured and the issue-15 target
-   beside it (each family's ``real_store`` targets, :func:`targets`).
+5. holds every component to the minimum bars of :mod:`cxrserve.packaging.acceptance` on that
+   split (``store.acceptance`` in the recipe): the gate first, before the archives are built
+   (its threshold is set where it refuses at most 2 % of validation frontal films; a gate that
+   then fails is left out of every archive), then each model from its evaluation. Archives are
+   built in ``WORK/staging`` and only an archive whose every component passed is copied into the
+   store; a failing one keeps the store's previous accepted version (``acceptance.json`` in the
+   store) or is left out. The build then raises :class:`AcceptanceFailed` naming each failed bar
+   (the CLI exits 3), so a budget-starved build never looks like a finished one;
+6. writes ``WORK/MODEL_CARD_real.md``, a model-card fragment generated from those JSON
+   files only: the acceptance table (bar, value with interval, pass/fail, what shipped) and
+   each value with its 95 % interval where measured and the issue-15 target beside it (each
+   family's ``real_store`` targets, :func:`targets`).
 
 Weights trained on ``../shared/data`` must never be committed (CATALOG.md): the store
 and work folders are build outputs.
@@ -47,6 +56,8 @@ from cxrserve.packaging.store import DONE, StoreBuilder, mark_trained
 from cxrserve.training.recipes import META_KEYS, task_settings
 
 log = logging.getLogger(__name__)
+
+GATE = "gate"  # the input gate component every archive carries (cxrserve.core.pipeline.GATE_COMPONENT)
 
 REAL_WARNING = ("REAL-DATA MODEL (real, {version}): trained by `cxrserve store build --data` on {trained_on}. "
                 "Research use only, not a medical device; its validation numbers (and the targets they miss) "
@@ -71,7 +82,9 @@ class RealStoreBuilder(StoreBuilder):
                  recipe: str | Path | None = None, sources: list[str] | None = None, budget: float | None = None,
                  checkpoints: dict[str, str] | None = None, device: str = "auto", eval_device: str = "cpu",
                  max_eval: int | None = None, progress: bool = True):
-        super().__init__(store, work, checkpoints=checkpoints, progress=progress, device=device)
+        # archives are built in a staging folder; only accepted ones reach the store (promote)
+        super().__init__(Path(work) / "staging", work, checkpoints=checkpoints, progress=progress, device=device)
+        self.final_store = Path(store)
         self.data = [Path(d) for d in data]
         self.sources = sources
         # "real": every family's real blocks; a YAML file: task blocks of the same shape plus `store:`
@@ -95,6 +108,13 @@ class RealStoreBuilder(StoreBuilder):
         self.started = time.time()
         self.eval_device = eval_device
         self.max_eval = max_eval
+        from cxrserve.packaging import acceptance
+
+        acceptance_cfg = self.cfg.get("acceptance") or {}
+        self.bars = acceptance.load_bars(acceptance_cfg)
+        self.gate_settings = acceptance.gate_settings(acceptance_cfg)
+        self.classifiers = acceptance.classifiers(acceptance_cfg)
+        self.gate_verdict = None  # acceptance.Verdict of the gate, once judged
         self._records = None
         self._planned: list[str] = []
 
@@ -215,7 +235,162 @@ class RealStoreBuilder(StoreBuilder):
         self._planned = self.plan(names)
         for component in self._planned:  # dependency order, one at a time
             self.checkpoint(component)
+        if GATE in self._planned:  # its threshold (or its absence) goes into every archive
+            self.accept_gate()
         return [self.archive(n) for n in names]
+
+    # ----------------------------------------------------------------- acceptance
+    def evaluators(self, names: Iterable[str]) -> list[str]:
+        """``names`` plus the archives that evaluate the components they carry (cxr-triage carries
+        lungseg, judged through cxr-lungseg), so every shipped component has been judged."""
+        out = list(names)
+        carried = {c for n in out for c in self.archive_components(n) if c != GATE}
+        for name, served in self.archives.items():
+            if not served.compose and served.components and served.components[-1] in carried and name not in out:
+                out.append(name)
+        return out
+
+    def accept_gate(self):
+        """Score the exported gate on its validation split and on held-out phantoms of other kinds, set
+        its threshold (:func:`acceptance.gate_threshold`) and judge it: a failing gate is left out of
+        every archive (enforced nowhere), a passing one ships with that threshold in its card."""
+        import shutil
+
+        import torch
+
+        from cxrserve.core.card import ModelCard
+        from cxrserve.core.imageio import read_file
+        from cxrserve.core.runtime import load_runtime
+        from cxrserve.core.transforms import build_transform
+        from cxrserve.packaging import acceptance
+        from cxrserve.synthetic.phantoms import write_dataset
+        from cxrserve.training.common import load_records, split
+
+        task = families.get_task(self.components_cfg[GATE]["task"])  # its truth: task.gate_label
+        self.leave_out.discard(GATE)
+        ckpt = self.checkpoint(GATE)
+        card = _card(ckpt)
+        folder = self.component(GATE)  # scored as served: the exported model, its preprocessing
+        runtime = load_runtime(folder, "torchscript", torch.device(self.eval_device))
+        meta = ModelCard.load(folder / "metadata.json")
+        transform = build_transform(meta.preprocessing)
+        frontal_index = list(meta.labels).index(task.FRONTAL)
+
+        def scores(records) -> list[float]:
+            out = []
+            for start in range(0, len(records), 64):
+                inputs = [transform(read_file(r.path).uint8) for r in records[start : start + 64]]
+                out += [float(o[0][frontal_index]) for o in runtime.run_chunked(inputs, 64)]
+            return out
+
+        # the gate's own validation split, drawn again as its training drew it (data + phantom negatives)
+        cfg = self.components_cfg.get(GATE, {})
+        records = self.records() + (load_records(self.negatives(GATE, cfg["negatives"])) if cfg.get("negatives") else [])
+        sp = card.extra.get("split", {})
+        _, val = split(records, float(sp.get("val_fraction", 0.2)), int(sp.get("seed", 0)))
+        val = _cut(val, card, None)
+        frontal = [r for r in val if task.gate_label(r) == task.FRONTAL]
+        other = [r for r in val if task.gate_label(r) != task.FRONTAL]
+        # phantoms of other kinds, from a seed its training never drew
+        g = self.gate_settings
+        root = self.work / "phantoms" / "gate_acceptance"
+        if not (root / "labels.csv").exists():
+            tmp = root.with_name(root.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_dataset(tmp, int(g["phantoms_per_kind"]) * len(g["kinds"]), seed=int(g["phantom_seed"]),
+                          kinds=tuple(g["kinds"]), height=int(g["phantom_size"]), width=int(g["phantom_size"]))
+            tmp.replace(root)
+        phantoms = load_records(root)
+        by_kind: dict[str, list[float]] = defaultdict(list)
+        for r, s in zip(phantoms, scores(phantoms)):
+            by_kind[r.extras.get("kind") or r.label].append(s)
+        # a resumed build starts again from the trained threshold, not from the one it set
+        trained = float(card.extra.get("acceptance", {}).get("trained_threshold", card.thresholds.get("accept", 0.5)))
+        cap = next((b.bound for b in self.bars if b.name == "gate_frontal_refused"), 0.02)
+        evidence = acceptance.gate_evidence(scores(frontal), scores(other), by_kind, trained, cap)
+        evidence.update(archive="input gate (every archive)", version=card.version, trained_on=card.trained_on,
+                        validation_method=f"the gate's patient split (val_fraction={sp.get('val_fraction')}, "
+                                          f"seed={sp.get('seed', 0)}) and {len(phantoms)} phantoms of other kinds "
+                                          f"(seed {g['phantom_seed']}), scored by the exported gate",
+                        validation_n=len(val))
+        verdict = acceptance.judge(evidence, self.bars)
+        evidence["verdict"] = verdict.to_dict()
+        out = self.work / "eval"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gate.json").write_text(json.dumps(evidence, indent=2, sort_keys=True, default=str) + "\n")
+        threshold = evidence["threshold"]
+        if verdict.passed and abs(threshold - float(card.thresholds.get("accept", 0.5))) > 1e-9:
+            if GATE in self.given:  # a --checkpoint file is the user's: the threshold goes on a copy
+                copy = self.work / "checkpoints" / "gate-accepted" / "best.ckpt"
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ckpt, copy)
+                ckpt = self.given[GATE] = copy
+            self._set_gate_threshold(ckpt, evidence)
+        if not verdict.passed:
+            log.warning("the gate missed its acceptance bars, no archive carries it: %s", "; ".join(verdict.failures))
+            self.leave_out.add(GATE)
+        self.gate_verdict = verdict
+        return verdict
+
+    def _set_gate_threshold(self, ckpt: Path, evidence: dict) -> None:
+        """The accepted threshold goes into the gate's card (what serving reads), the trained one beside it."""
+        import torch
+
+        from cxrserve.core.card import ModelCard
+        from cxrserve.models.checkpoint import load_checkpoint
+
+        payload = load_checkpoint(ckpt)
+        card = ModelCard.from_dict(payload["card"])
+        card.extra["acceptance"] = {
+            "trained_threshold": evidence["trained_threshold"], "threshold": evidence["threshold"],
+            "rule": "the trained threshold, lowered until at most the bar's share of validation frontal films "
+                    "scores below it", "frontal_refused": evidence["frontal"]["refused_rate"]}
+        card.thresholds["accept"] = evidence["threshold"]
+        payload["card"] = card.to_dict()
+        tmp = ckpt.with_suffix(".ckpt.tmp")
+        torch.save(payload, tmp)
+        tmp.replace(ckpt)
+        log.info("gate threshold set to %.4f on its validation split", evidence["threshold"])
+
+    def promote(self, names: Iterable[str], verdicts: dict) -> dict[str, dict]:
+        """Copy each archive whose every component passed (``verdicts``: component -> Verdict) from
+        staging into the store; for one that did not, keep the store's previous accepted version or
+        remove what the store holds under its name (never accepted). Returns ``{archive: {"shipped":
+        "this build" | "previous" | None, "reasons": [...]}}``; ``<store>/acceptance.json`` lists the
+        accepted archives."""
+        import shutil
+
+        record_path = self.final_store / "acceptance.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        self.final_store.mkdir(parents=True, exist_ok=True)
+        decisions: dict[str, dict] = {}
+        for name in names:
+            reasons = []
+            for component in self.archive_components(name):  # a composed model: every family's
+                if component != GATE:  # a failing gate is left out of the archive, not a reason to hold it
+                    verdict = verdicts.get(component)
+                    reasons += verdict.failures if verdict else [f"{component}: not evaluated by this build"]
+            mar = self.final_store / f"{name}.mar"
+            if not reasons:
+                tmp = mar.with_name(f".{mar.name}.partial")
+                shutil.copy2(self.store / f"{name}.mar", tmp)
+                tmp.replace(mar)
+                st = mar.stat()
+                record[name] = {"version": self.version, "accepted": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+                decisions[name] = {"shipped": "this build", "reasons": []}
+                continue
+            prev = record.get(name)
+            if prev and mar.exists() and (mar.stat().st_size, mar.stat().st_mtime_ns) == (prev["size"], prev["mtime_ns"]):
+                decisions[name] = {"shipped": "previous", "previous": prev, "reasons": reasons}
+                continue
+            if mar.exists():
+                log.warning("removing %s from the store: it was never accepted", mar)
+                mar.unlink()
+            record.pop(name, None)
+            decisions[name] = {"shipped": None, "reasons": reasons}
+        record_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return decisions
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, archives: Iterable[str]) -> dict[str, dict]:
@@ -279,7 +454,39 @@ def evaluate_archive(builder: RealStoreBuilder, name: str) -> dict:
         pipeline = load_pipeline(builder.store / f"{name}.mar", device=builder.eval_device)
         result["validation"] = task.evaluate(pipeline, val)
         result["validation_n"] = len(val)
+        if main in builder.classifiers:  # the bars need per-film answers the task's report does not keep
+            result["acceptance"] = classifier_pass(pipeline, val, **builder.classifiers[main])
     return result
+
+
+def classifier_pass(pipeline, records, *, truth: str, label: str, probabilities: str, chunk: int = 16) -> dict:
+    """Every labelled validation film through the served classifier with the gate reporting only (the
+    gate is judged on its own bars), then :func:`acceptance.classifier_evidence` by patient. ``truth``:
+    the record attribute with the true label; ``label``/``probabilities``: the answer's fields."""
+    from cxrserve.core.imageio import read_file
+    from cxrserve.core.pipeline import Item
+    from cxrserve.packaging import acceptance
+    from cxrserve.training.datasets import patient_groups
+
+    def truth_of(record):
+        return getattr(record, truth)
+
+    records = [r for r in records if truth_of(r) is not None]
+    pipeline.config["gate_enforce"] = False
+    labels = list(pipeline.parts[list(pipeline.parts)[-1]].card.labels)  # the classifier: last component
+    kept, predicted, scores = [], [], []
+    for start in range(0, len(records), chunk):
+        part = records[start : start + chunk]
+        for r, out in zip(part, pipeline.predict([Item(xray=read_file(r.path), options=pipeline.parse_options({}))
+                                                  for r in part])):
+            if isinstance(out, dict):  # a film the input checks refuse has no answer to score
+                kept.append(r)
+                predicted.append(out[label])
+                scores.append([out[probabilities][name] for name in labels])
+    evidence = acceptance.classifier_evidence([truth_of(r) for r in kept], predicted, scores, labels,
+                                              patient_groups(kept))
+    evidence["unscored"] = len(records) - len(kept)
+    return evidence
 
 
 # --------------------------------------------------------------------------- card fragment
@@ -311,7 +518,42 @@ def _interval(flat: dict, key: str) -> str:
     return ""
 
 
-def card_fragment(results: dict[str, dict]) -> str:
+def acceptance_section(verdicts: dict, decisions: dict[str, dict], gate: dict | None) -> list[str]:
+    """The acceptance part of the card: what shipped and why not, and every bar of every component
+    (bar, value with its interval, what it needs, pass/fail), from the verdicts alone."""
+    lines = ["## Acceptance: minimum bars on the validation split", "",
+             "Each component is held to the bars of `cxrserve/packaging/acceptance.py` (`store.acceptance` in "
+             "the recipe) before its archive is shipped as `real`; an archive ships only when every component it "
+             "carries passes. A failing gate is carried by no archive.", "",
+             "| archive | shipped | why not |", "|---|---|---|"]
+    for name, d in decisions.items():
+        shipped = {"this build": "yes", "previous": f"previous accepted version ({d.get('previous', {}).get('accepted')})",
+                   None: "**no**"}[d["shipped"]]
+        lines.append(f"| {name} | {shipped} | {'; '.join(d['reasons']) or '-'} |")
+    if gate:
+        verdict = verdicts.get(GATE)
+        t = gate.get("threshold")
+        lines += ["", f"Input gate: {'shipped in every archive' if verdict and verdict.passed else '**not shipped** (no archive carries it, so nothing is refused by it)'}; "
+                  + (f"accept threshold {t:.4f} (trained {gate['trained_threshold']:g}), set where it refuses at most the "
+                     f"bar's share of the {gate['frontal']['n']} validation frontal films" if t is not None else
+                     "no validation frontal films to set its threshold on")
+                  + "; held-out phantoms refused per kind: "
+                  + ", ".join(f"{k} {v['refused']}/{v['n']}" for k, v in gate["phantom_kinds"]["by_kind"].items())]
+    lines += ["", "| component | bar | value (95 % CI) | needs | pass |", "|---|---|---|---|---|"]
+    for component, verdict in verdicts.items():
+        for c in verdict.checks:
+            needs = c.bar.describe() + (f" ({c.bound:.3f})" if c.bar.baseline and c.bound is not None else "")
+            outcome = "pass" if c.passed else f"**FAIL**: {c.reason}"
+            if c.passed and c.reason:
+                outcome = c.reason
+            lines.append(f"| {component} | {c.label} | {c.value_text()} | {needs} | {outcome} |")
+        if not verdict.checks:
+            lines.append(f"| {component} | - | - | - | **FAIL**: no acceptance bar applies |")
+    return lines + [""]
+
+
+def card_fragment(results: dict[str, dict], verdicts: dict | None = None, decisions: dict[str, dict] | None = None,
+                  gate: dict | None = None) -> str:
     """Markdown generated from the evaluation JSON alone (no number is typed by hand)."""
     lines = ["# Real store: validation numbers (generated by `cxrserve store build --data`)", "",
              "Every value is read from the archive's evaluation JSON (`eval/<archive>.json`): rows without "
@@ -319,9 +561,15 @@ def card_fragment(results: dict[str, dict]) -> str:
              "training held out; 'best epoch' rows are the training's own evaluation of that split (eager "
              "model, the epoch kept). Targets are issue 15's.",
              ""]
+    if verdicts is not None:
+        lines += acceptance_section(verdicts, decisions or {}, gate)
     for name, result in results.items():
         flat = {k: v for k, v in _flatten(result).items()}
-        lines += [f"## {name}", "", f"version `{result.get('version')}`, trained on {result.get('trained_on')}; "
+        shipped = (decisions or {}).get(name, {"shipped": "this build" if decisions is None else "not asked"})["shipped"]
+        status = {"this build": "", "previous": " (NOT SHIPPED: the store keeps its previous accepted version)",
+                  None: " (NOT SHIPPED: missed its acceptance bars)",
+                  "not asked": " (not asked for: evaluated to judge a component another archive carries)"}[shipped]
+        lines += [f"## {name}{status}", "", f"version `{result.get('version')}`, trained on {result.get('trained_on')}; "
                   f"validation: {result.get('validation_method')}, n = {result.get('validation_n', '-')}"
                   + (f", refused by the input checks or gate: {flat['validation.rejected']}"
                      if flat.get("validation.rejected") else ""), "",
@@ -357,18 +605,46 @@ def card_fragment(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+class AcceptanceFailed(RuntimeError):
+    """A real build whose components missed acceptance bars: ``failures`` names each failed bar,
+    ``archives`` what was shipped anyway (the passing ones), ``fragment`` the card that says why."""
+
+    def __init__(self, failures: list[str], archives: list[Path], fragment: Path, decisions: dict[str, dict]):
+        self.failures, self.archives, self.fragment, self.decisions = failures, archives, fragment, decisions
+        held = [n for n, d in decisions.items() if d["shipped"] != "this build"]
+        super().__init__(f"{len(failures)} acceptance bar(s) failed; not shipped from this build: "
+                         f"{', '.join(held) or 'none'}:\n" + "\n".join(f"  - {f}" for f in failures))
+
+
 def build_real_store(store, work, data, *, recipe=None, only=None, budget=None, sources=None, device="auto",
                      eval_device="cpu", max_eval=None, checkpoints=None, progress=True) -> tuple[list[Path], Path]:
-    """Train, mark real, export, archive, evaluate and write the card fragment; returns (archives, fragment)."""
+    """Train, mark real, export, archive, evaluate, judge, ship what passed and write the card fragment;
+    returns (shipped archives, fragment), or raises :class:`AcceptanceFailed` after shipping what passed."""
+    from cxrserve.packaging import acceptance
+
     builder = RealStoreBuilder(store, work, data=data, recipe=recipe, sources=sources, budget=budget,
                                checkpoints=checkpoints, device=device, eval_device=eval_device, max_eval=max_eval,
                                progress=progress)
     names = list(only or builder.archives)
-    archives = builder.build(names)
-    results = builder.evaluate([n for n in names if not builder.archives[n].compose])  # each model once
+    judged = builder.evaluators(names)
+    builder.build(judged)
+    results = builder.evaluate([n for n in judged if not builder.archives[n].compose])  # each model once
+    verdicts = {GATE: builder.gate_verdict} if builder.gate_verdict is not None else {}
+    for name, result in results.items():
+        verdict = acceptance.judge(result, builder.bars)
+        verdicts[verdict.component] = verdict
+        result["verdict"] = verdict.to_dict()
+        (builder.work / "eval" / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+    decisions = builder.promote(names, verdicts)
+    gate = json.loads((builder.work / "eval" / "gate.json").read_text()) if GATE in verdicts else None
     fragment = Path(work) / "MODEL_CARD_real.md"
-    fragment.write_text(card_fragment(results) + "\n")
-    return archives, fragment
+    fragment.write_text(card_fragment(results, verdicts, decisions, gate) + "\n")
+    shipped = [builder.final_store / f"{n}.mar" for n, d in decisions.items() if d["shipped"]]
+    carried = {c for n in names for c in families.archive_components(n)}  # the gate too, even left out
+    failures = [line for component, verdict in verdicts.items() if component in carried for line in verdict.failures]
+    if failures or any(d["shipped"] != "this build" for d in decisions.values()):
+        raise AcceptanceFailed(failures, shipped, fragment, decisions)
+    return shipped, fragment
 
 
 # --------------------------------------------------------------------------- CLI
@@ -388,12 +664,22 @@ def register_cli(sub) -> None:
     def cmd_store(args) -> int:
         if not args.data:
             return demo_build(args)
+        import sys
+
         from cxrserve.core.options import parse_pairs
 
-        archives, fragment = build_real_store(
-            args.store, args.work, args.data, recipe=args.recipe or "real",
-            only=args.only, budget=args.budget, sources=args.sources, device=args.device,
-            eval_device=args.eval_device, max_eval=args.max_eval, checkpoints=parse_pairs(args.checkpoint, "NAME=PATH"))
+        try:
+            archives, fragment = build_real_store(
+                args.store, args.work, args.data, recipe=args.recipe or "real",
+                only=args.only, budget=args.budget, sources=args.sources, device=args.device,
+                eval_device=args.eval_device, max_eval=args.max_eval,
+                checkpoints=parse_pairs(args.checkpoint, "NAME=PATH"))
+        except AcceptanceFailed as failed:  # what passed is shipped; the exit status says the rest did not
+            for path in failed.archives:
+                print(f"{path}  ({path.stat().st_size / 2**20:.0f} MiB)")
+            print(f"model-card fragment: {failed.fragment}")
+            print(f"cxrserve store build: {failed}", file=sys.stderr)
+            return 3
         for path in archives:
             print(f"{path}  ({path.stat().st_size / 2**20:.0f} MiB)")
         print(f"model-card fragment: {fragment}")
