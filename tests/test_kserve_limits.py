@@ -1,58 +1,59 @@
 """The KServe-native predictor's body limit is enforced while the body arrives.
 
-The predictor's own ``/v2/models/{name}/infer`` route (``install_routes``) runs here in a
-real uvicorn on a loopback port, in front of a stand-in model server (no model store
-needed). A chunked upload has no Content-Length, so only counting the bytes as they are
+The predictor's own ``/v2/models/{name}/infer`` route (``install_routes``) runs in a real
+uvicorn on a loopback port, in front of a stand-in model server (no model store needed),
+in a process of its own (``kserve_limits_server.py``: the kserve SDK and tritonclient's
+gRPC stubs cannot share one process). A chunked upload has no Content-Length, so only counting the bytes as they are
 read can stop it: the old route buffered the whole body first (a 300 MiB upload got its
 413 after 67 s and +460 MB). The client below keeps sending until the answer comes and
 reports how much it got to send.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import select
 import socket
-import threading
+import subprocess
+import sys
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 
 from tsutil import free_port
 
-pytest.importorskip("kserve")
-uvicorn = pytest.importorskip("uvicorn")
+if importlib.util.find_spec("kserve") is None or importlib.util.find_spec("uvicorn") is None:
+    pytest.skip("kserve / uvicorn not installed", allow_module_level=True)
 
 LIMIT = 1 << 20  # the route's max_body in these tests
 CHUNK = 64 << 10
 
 
-class StandInDataplane:
-    """Just enough of ``kserve``'s DataPlane for the route to reach its body handling."""
-
-    async def model_ready(self, name, disable_predictor_health_check=False):
-        return True
-
-
 @pytest.fixture(scope="module")
-def url():
-    from fastapi import FastAPI
-
-    from cxrserve.tools.kserve.server import install_routes
-
-    app = FastAPI()
-    install_routes(app, SimpleNamespace(dataplane=StandInDataplane()), LIMIT)
+def url(tmp_path_factory):
+    here = Path(__file__).resolve().parent
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield ("127.0.0.1", port)
-    server.should_exit = True
-    thread.join(10)
+    log = tmp_path_factory.mktemp("kserve-limits") / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(here / "kserve_limits_server.py"), str(port), str(LIMIT)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.time() < deadline, "the route's server did not start"
+                time.sleep(0.2)
+        yield ("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> tuple[int, dict]:
