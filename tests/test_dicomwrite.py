@@ -10,8 +10,9 @@ import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from cxrserve.synthetic.dicomwrite import (LOSSLESS_SYNTAXES, SOP_CLASSES, TRANSFER_SYNTAXES, encode_jpeg_lossless,
-                                 expected_output, non_image_dicom, to_dicom, voi_lut_table)
+from cxrserve.synthetic.dicomwrite import (LOSSLESS_SYNTAXES, SOP_CLASSES, TRANSFER_SYNTAXES, expected_output,
+                                           non_image_dicom, to_dicom, voi_lut_table)
+from cxrserve.synthetic.jpeg_lossless import encode_jpeg_lossless
 from cxrserve.synthetic.phantoms import PhantomSpec, render
 
 IMG = render(PhantomSpec(3, height=72, width=60, label="covid19", extent=(2, 2), opacity=(1, 1))).image
