@@ -83,7 +83,7 @@ def unpacked(model_store, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pipeline(unpacked):
     """``pipeline("cxr-triage")`` -> the served pipeline loaded in process (CPU), cached."""
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     cache = {}
 

@@ -140,7 +140,7 @@ def mask_from(response: dict) -> np.ndarray | None:
 
 def agreement(store: Path, files, cache: Path) -> list[dict]:
     from cxrserve.core.errors import CXRInputError
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     rows = []
     for mar in sorted(store.glob("cxr-*.mar")):

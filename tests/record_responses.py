@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default=str(REPO / "model_store"), help="folder of .mar archives")
     parser.add_argument("--force", action="store_true", help="overwrite a recording for the same weights")
     args = parser.parse_args(argv)
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     store = Path(args.store)
     cache: dict = {}

@@ -72,7 +72,7 @@ class SixPipelineStudyScorer:
 
 
 def load(families=FAMILIES, unpacked: dict | None = None) -> SixPipelineStudyScorer:
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     store = Path(os.environ.get("CXRSERVE_STORE", Path(__file__).resolve().parents[1] / "model_store"))
     pipes = {}

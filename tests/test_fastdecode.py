@@ -178,7 +178,8 @@ def test_served_lungseg_reduced_vs_full_resolution(pipeline, unpacked):
     data = to_dicom(film, transfer_syntax="jpeg_baseline", window=(127.5, 256.0))
     import json
 
-    from cxrserve.core.pipeline import DECODE_FLOOR, load_pipeline
+    from cxrserve.core.loading import load_pipeline
+    from cxrserve.core.pipeline import DECODE_FLOOR
 
     # served default: every endpoint decodes to the same floor (so cxr-study equals them);
     # the per-model need (448 px for lungseg) is one setting away, and is what this test reduces to

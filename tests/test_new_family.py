@@ -39,7 +39,8 @@ PACKAGE = {
         import cv2
 
         from cxrserve.core.options import Option, parse_bool
-        from cxrserve.core.pipeline import Item, Pipeline
+        from cxrserve.core.item import Item
+        from cxrserve.core.pipeline import Pipeline
 
 
         class TinyPipeline(Pipeline):
@@ -178,7 +179,7 @@ def _work(tmp_path: Path, repo_build: Path) -> Path:
 
 def test_a_new_family_builds_serves_and_benchmarks(model_store, tiny_family, tmp_path):
     from cxrserve.core.files import unpack_archive
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
     from cxrserve.packaging.store import StoreBuilder
     from cxrserve.synthetic.phantoms import render, sample_spec
     from cxrserve.tools.bench.cli import quick
@@ -291,7 +292,7 @@ def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_st
     import torch
 
     from cxrserve.core.files import unpack_archive
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
     from cxrserve.families.study.pipeline import StudyPipeline
     from cxrserve.packaging.store import StoreBuilder
     from cxrserve.synthetic.dicomwrite import to_dicom

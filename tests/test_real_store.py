@@ -78,7 +78,7 @@ def _unscore_half(labels_csv):
 
 
 def test_components_train_in_dependency_order_and_say_real(built):
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     root, _, _ = built
     staged = root / "work" / "staging"  # every archive is built there; only accepted ones reach the store
@@ -193,7 +193,7 @@ def test_what_passes_is_shipped_with_the_gate_at_the_threshold_it_set(built, tmp
     The default bars are the starved build's above; this checks what happens to a component that
     passes: it ships, real, with the gate enforced at the threshold written into its card, and a
     later build whose component misses keeps it."""
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
     from cxrserve.packaging.real_store import AcceptanceFailed, build_real_store
 
     root, _, _ = built

@@ -23,16 +23,16 @@ once, then scores a list of decoded studies at a time. Its contract:
   (:attr:`Item.refused`) and fails whatever reads it (:meth:`Pipeline.refusal`): a whole
   single-model request, one section of a study.
 
-Handlers are thin adapters from TorchServe requests to :class:`Item` lists
-(:mod:`cxrserve.core.serving`); ``cxrserve predict`` and ``cxrserve batch --in-process``
-call the same pipelines without a server.
+The data the stages pass (:class:`~cxrserve.core.item.Item`, :class:`~cxrserve.core.item.Decoded`)
+is in :mod:`cxrserve.core.item`; which class serves a model folder, and loading it, in
+:mod:`cxrserve.core.loading`. Handlers are thin adapters from TorchServe requests to
+:class:`Item` lists (:mod:`cxrserve.core.serving`); ``cxrserve predict`` and
+``cxrserve batch --in-process`` call the same pipelines without a server.
 """
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
@@ -43,7 +43,9 @@ from cxrserve.core.card import ModelCard
 from cxrserve.core.errors import CXRInputError, MalformedInput, NotFrontalCXR
 from cxrserve.core.options import Option, parse_bool
 from cxrserve.core.imageio import MAX_BYTES, MAX_PIXELS, XRay, check_frontal_chest_header, decode
-from cxrserve.core.runtime import Runtime, load_runtime, pick_device
+from cxrserve.core.item import MAIN_IMAGE, Decoded, Item, request_image
+from cxrserve.core.runtime import Runtime, load_runtime
+from cxrserve.core.stagetimer import StageTimer
 from cxrserve.core.transforms import build_transform
 from cxrserve.core.input_checks import check_input
 
@@ -61,8 +63,6 @@ DECODE_FLOOR = 1024
 FULL_RESOLUTION = "full_resolution"
 FULL_RESOLUTION_HELP = ("decode every pixel of the file (slower); by default only the resolution the "
                         "models read is decoded and pictures are drawn on that copy, then scaled")
-#: The request field of the main image.
-MAIN_IMAGE = "image"
 
 
 def gate_verdict(labels, probs, threshold: float) -> str:
@@ -76,78 +76,11 @@ def gate_verdict(labels, probs, threshold: float) -> str:
     return max(others, key=others.get)
 
 
-def request_image(images: dict[str, bytes]) -> bytes:
-    """The main file of a request, or the 400 every endpoint gives without one."""
-    main = images.get(MAIN_IMAGE)
-    if main is None:
-        raise MalformedInput("no image in the request: post the file as the body or as form field 'image'")
-    return main
-
-
-@dataclass
-class Item:
-    """One study to score: the decoded image, named extra images, parsed options."""
-
-    xray: XRay
-    options: dict = field(default_factory=dict)
-    images: dict[str, XRay] = field(default_factory=dict)  # e.g. {"prior": XRay}
-    gate: dict | None = None  # input gate verdict for the main image, set by Pipeline.run_gate
-    #: extra images that failed decoding, screening or the gate, by name, each with its 4xx:
-    #: out of ``images``, they fail only what reads them (:meth:`Pipeline.refusal`)
-    refused: dict[str, CXRInputError] = field(default_factory=dict)
-    #: findings computed once and reused by every pipeline scoring this study in one
-    #: process (``cxr-study``), e.g. ``{"lungs": (component, LungFinding)}``
-    shared: dict = field(default_factory=dict)
-
-    def refuse(self, name: str, err: CXRInputError) -> None:
-        """Set extra image ``name`` aside with its error (the first error of an image stays)."""
-        self.images.pop(name, None)
-        self.refused.setdefault(name, err)
-
-
-@dataclass
-class Decoded:
-    """Stage 1's output: a request's images, decoded once at one resolution."""
-
-    xray: XRay
-    images: dict[str, XRay]
-    refused: dict[str, CXRInputError]  # extra images that could not be decoded
-    seconds: float
-
-
 @dataclass
 class Limits:
     max_bytes: int = MAX_BYTES
     max_pixels: int = MAX_PIXELS
     max_batch: int = 16
-
-
-class StageTimer:
-    """Wall-clock seconds per named stage for the batch in flight (exported as metrics).
-
-    Thread-safe: ``cxr-study`` decodes a batch's files in threads.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def reset(self) -> dict[str, float]:
-        with self._lock:
-            out, self.seconds = self.seconds, {}
-        return out
 
 
 @dataclass
@@ -512,48 +445,3 @@ class Pipeline:
         if isinstance(result, CXRInputError):
             raise result
         return result
-
-
-PIPELINE_SPEC = "pipeline.json"
-
-
-def write_pipeline_spec(folder: str | Path, pipeline_class: str | type, *, name: str, version: str = "0.1.0",
-                        handler: dict | None = None) -> Path:
-    """``pipeline.json``: which class serves a model folder, its served name and handler settings."""
-    import json
-
-    if isinstance(pipeline_class, type):
-        pipeline_class = f"{pipeline_class.__module__}:{pipeline_class.__qualname__}"
-    path = Path(folder) / PIPELINE_SPEC
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pipeline_class": pipeline_class, "name": name, "version": version,
-                                "handler": dict(handler or {})}, indent=2))
-    return path
-
-
-def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict | None = None) -> Pipeline:
-    """Load the pipeline of an unpacked archive or a ``.mar`` (``pipeline.json`` names its class)."""
-    import json
-
-    from cxrserve.core.family import import_object
-    from cxrserve.core.files import unpack_archive
-
-    model_dir = Path(model_dir)
-    unpacked = None
-    if model_dir.suffix == ".mar":
-        import tempfile
-
-        model_dir = unpacked = unpack_archive(model_dir, tempfile.mkdtemp(prefix=f"cxrserve-{model_dir.stem}-"))
-    spec = json.loads((model_dir / "pipeline.json").read_text())
-    if config is None:
-        config = spec.get("handler", {})
-    cls = import_object(spec["pipeline_class"])
-    pipeline = cls(model_dir, device=pick_device(0, device), config=config)
-    if unpacked is not None:
-        import shutil
-        import weakref
-
-        # The unpacked copy lives as long as the pipeline (components may load lazily), then goes
-        # (an archive is 30 MB to 1.5 GB; the test suite alone left GBs in /tmp).
-        weakref.finalize(pipeline, shutil.rmtree, unpacked, True)
-    return pipeline

@@ -18,13 +18,14 @@ import base64
 import binascii
 import json
 import logging
-import os
 from typing import Any
 
 from ts.torch_handler.base_handler import BaseHandler
 
 from cxrserve.core.errors import HTTP_PHRASES, CXRInputError, MalformedInput
-from cxrserve.core.pipeline import Item, Pipeline
+from cxrserve.core.item import Item
+from cxrserve.core.loading import pipeline_class_of
+from cxrserve.core.pipeline import Pipeline
 from cxrserve.core.runtime import pick_device
 from cxrserve.core.ts_kservev2 import teach_envelope
 
@@ -172,11 +173,3 @@ class CXRHandler(BaseHandler):
 
     def describe_handle(self) -> dict:
         return self.pipeline.describe()
-
-
-def pipeline_class_of(model_dir: str) -> type[Pipeline]:
-    """The class ``pipeline.json`` names (``"module:Class"``), imported from the archive's own package."""
-    from cxrserve.core.family import import_object
-
-    with open(os.path.join(model_dir, "pipeline.json")) as fh:
-        return import_object(json.load(fh)["pipeline_class"])

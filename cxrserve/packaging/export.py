@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from cxrserve.core.card import ModelCard
-from cxrserve.core.pipeline import write_pipeline_spec
+from cxrserve.core.loading import write_pipeline_spec
 from cxrserve.models.checkpoint import load_model
 
 log = logging.getLogger(__name__)

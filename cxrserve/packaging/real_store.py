@@ -427,7 +427,7 @@ def _cut(records, card, limit):
 
 def evaluate_archive(builder: RealStoreBuilder, name: str) -> dict:
     """Served-pipeline metrics on the archive's own patient-level validation split."""
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
     from cxrserve.families import get_task
 
     # the archive's own model: its last component before the shared gate (cxr-triage: the classifier)
@@ -464,7 +464,7 @@ def classifier_pass(pipeline, records, *, truth: str, label: str, probabilities:
     gate is judged on its own bars), then :func:`acceptance.classifier_evidence` by patient. ``truth``:
     the record attribute with the true label; ``label``/``probabilities``: the answer's fields."""
     from cxrserve.core.imageio import read_file
-    from cxrserve.core.pipeline import Item
+    from cxrserve.core.item import Item
     from cxrserve.packaging import acceptance
     from cxrserve.training.datasets import patient_groups
 

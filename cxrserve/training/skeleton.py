@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cxrserve.core.card import ModelCard
 from cxrserve.core.imageio import read_file
-from cxrserve.core.pipeline import Item
+from cxrserve.core.item import Item
 from cxrserve.models import build_model
 from cxrserve.models.checkpoint import load_checkpoint, save_checkpoint
 from cxrserve.models.pretrained import apply_init

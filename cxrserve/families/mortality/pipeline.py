@@ -22,7 +22,8 @@ from scipy.special import expit
 
 from cxrserve.core.card import ModelCard
 from cxrserve.core.overlays import heatmap_png
-from cxrserve.core.pipeline import Item, Pipeline
+from cxrserve.core.item import Item
+from cxrserve.core.pipeline import Pipeline
 from cxrserve.core.options import Option, parse_bool
 
 RISK_LABELS = ("low", "high")

@@ -35,7 +35,8 @@ import torch
 
 from cxrserve.core.card import ModelCard
 from cxrserve.core.errors import CXRInputError
-from cxrserve.core.pipeline import Item, Pipeline
+from cxrserve.core.item import Item
+from cxrserve.core.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

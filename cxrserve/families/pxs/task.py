@@ -514,7 +514,7 @@ def crossval(records: Sequence[Record], out_dir: str | Path, *, pool_data: Seque
     Each fold leaves ``fold_<k>/model`` (a pipeline folder: ``cxrserve eval pxs --model``
     re-scores it) and ``fold_<k>/eval.json``; finished folds are skipped on a rerun.
     """
-    from cxrserve.core.pipeline import load_pipeline, write_pipeline_spec
+    from cxrserve.core.loading import load_pipeline, write_pipeline_spec
     from cxrserve.families.pxs.pipeline import PXSPipeline
     from cxrserve.families.pxs.pool import build_pool
     from cxrserve.packaging.export import export_component

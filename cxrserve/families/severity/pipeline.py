@@ -34,7 +34,8 @@ import torch
 from cxrserve.core.card import ModelCard
 from cxrserve.core.options import Option, parse_bool
 from cxrserve.core.overlays import fit_picture, normalise_map, overlay, place_map, png_base64
-from cxrserve.core.pipeline import Item, Pipeline
+from cxrserve.core.item import Item
+from cxrserve.core.pipeline import Pipeline
 
 SCORES = ("geographic_extent", "opacity")
 #: torchxrayvision's published facts for its DenseNet121 (labels, op_threshs, the paper's maps, saliency)

@@ -155,7 +155,7 @@ def run_study_bench(store: Path, work: Path, *, cache: Path | None = None, size:
                     clients: Sequence[int] = (4,), in_process: bool = True, progress=print) -> dict:
     import torch
 
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     torch.set_num_threads(threads)
     cache = Path(cache or Path(work) / "bench-cache")

@@ -43,7 +43,8 @@ import torch
 
 from cxrserve.core.errors import CXRInputError, MalformedInput
 from cxrserve.core.options import Option, parse_bool
-from cxrserve.core.pipeline import GATE_COMPONENT, Item, Pipeline, request_image
+from cxrserve.core.item import Item, request_image
+from cxrserve.core.pipeline import GATE_COMPONENT, Pipeline
 
 log = logging.getLogger(__name__)
 

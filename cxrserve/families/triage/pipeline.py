@@ -15,7 +15,8 @@ import torch
 from cxrserve.families.triage.lungs import LungFinding, analyse_lungs, mask_to_image_size
 from cxrserve.core.options import Option, parse_bool
 from cxrserve.core.overlays import fit_picture, heatmap_png, overlay, png_base64
-from cxrserve.core.pipeline import Item, Pipeline
+from cxrserve.core.item import Item
+from cxrserve.core.pipeline import Pipeline
 from cxrserve.core.runtime import Runtime
 from cxrserve.core.transforms import build_transform
 

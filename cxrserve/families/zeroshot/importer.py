@@ -17,7 +17,7 @@ import torch
 
 from cxrserve.core.card import ModelCard
 from cxrserve.core.files import sha256_file
-from cxrserve.core.pipeline import write_pipeline_spec
+from cxrserve.core.loading import write_pipeline_spec
 from cxrserve.families.zeroshot.pipeline import (BPE_FILE, CHEXPERT_LABELS, COMPONENT, NEGATIVE_TEMPLATE,
                                                  POSITIVE_TEMPLATE, PREPROCESSING, TEXT_FILE, TEXT_PARITY_FILE,
                                                  Tokenizer, ZeroShotPipeline, prompt_pair, trim_tokens)
@@ -155,7 +155,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     pipeline = load_pipeline(args.model, device=args.device)
     options = {"labels": args.labels} if args.labels else {}

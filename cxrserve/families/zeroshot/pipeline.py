@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cxrserve.core.pipeline import Item, Pipeline
+from cxrserve.core.item import Item
+from cxrserve.core.pipeline import Pipeline
 from cxrserve.core.options import Option
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ Guarantees:
   ``<out>.summary.json``.
 
 Backends: REST, gRPC or a KServe v2 endpoint through :class:`cxrserve.tools.client.CXRClient`, or in-process through
-:func:`cxrserve.core.pipeline.load_pipeline` (same pipeline code as the TorchServe handlers,
+:func:`cxrserve.core.loading.load_pipeline` (same pipeline code as the TorchServe handlers,
 no server needed). The transient-failure policy: the client retries 503/507 and
 connection errors; on top, a request that still fails with a 5xx is tried again up to
 ``--attempts`` times (a worker that died mid-request is restarted by TorchServe).

@@ -45,7 +45,7 @@ def cmd_batch(args) -> int:
             raise SystemExit(f"--dicom-out needs --model {families.composed_model()} (the SR holds every family's results)")
         options.setdefault("pictures", "true")  # the lung mask and heatmaps for the SEG and SCs
     if args.in_process:
-        from cxrserve.core.pipeline import load_pipeline
+        from cxrserve.core.loading import load_pipeline
 
         model = Path(args.in_process)
         if model.is_dir() and (model / f"{args.model}.mar").exists():

@@ -8,7 +8,7 @@ inputs and in the same run:
   checkpoints (``<work>/checkpoints/<component>/best.ckpt``), one image at a time in a
   Python loop, Grad-CAM by an autograd backward pass (as the seeds compute heatmaps),
   the same decoder and the same named preprocessing. Every ratio is against this row.
-* **in-process**: :func:`cxrserve.core.pipeline.load_pipeline` with batching, on ONNX Runtime
+* **in-process**: :func:`cxrserve.core.loading.load_pipeline` with batching, on ONNX Runtime
   and TorchScript (the backend a store does not ship is exported from the checkpoint
   into a cache beside it, once);
 * **TorchServe**: the store served end to end over REST and gRPC, at several numbers

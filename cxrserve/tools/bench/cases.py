@@ -27,7 +27,7 @@ def _outputs_tuple(out) -> tuple:
 # --------------------------------------------------------------------------- in process
 def load_served(model_dir: Path, backend: str, device: str, extra: dict | None = None):
     """The served pipeline in this process, configured as its archive's handler block says."""
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     config = dict(json.loads((model_dir / "pipeline.json").read_text()).get("handler", {}))
     config.update({"backend": backend, **(extra or {})})

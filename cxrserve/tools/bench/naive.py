@@ -66,7 +66,7 @@ class NaiveBaseline:
 
     def __init__(self, name: str, model_dir: Path, checkpoints: dict[str, Path], device: str = "cpu",
                  pictures: bool = True):
-        from cxrserve.core.pipeline import load_pipeline
+        from cxrserve.core.loading import load_pipeline
 
         _, served = families.get_served(name)
         self.name = name

@@ -1,7 +1,7 @@
 """cxrserve on KServe: the KServe-native predictor (``cxrserve kserve``) and the TorchServe runtime's layout.
 
 The predictor loads each archive of a model store with
-:func:`cxrserve.core.pipeline.load_pipeline`, wraps it in a ``kserve.Model`` and serves
+:func:`cxrserve.core.loading.load_pipeline`, wraps it in a ``kserve.Model`` and serves
 them all with ``kserve.ModelServer``: the Open Inference Protocol (v2) over REST and
 gRPC, without TorchServe.
 

@@ -101,7 +101,7 @@ def make_model_class():
 def load_models(specs: list[ModelSpec], metrics: Metrics, *, max_batch: int | None = None,
                 max_delay_ms: float | None = None) -> list:
     """Each spec's pipeline, loaded and wrapped; all of them record into ``metrics``."""
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     CXRModel = make_model_class()
     models = []

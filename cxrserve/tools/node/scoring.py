@@ -49,7 +49,7 @@ class InProcessStudyScorer:
     """The ``cxr-study`` pipeline of an archive, loaded in this process (no server)."""
 
     def __init__(self, cfg: ScorerConfig):
-        from cxrserve.core.pipeline import load_pipeline
+        from cxrserve.core.loading import load_pipeline
 
         self.pipeline = load_pipeline(cfg.archive, device=cfg.device)
         self.options = dict(cfg.options or {})

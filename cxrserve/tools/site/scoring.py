@@ -162,7 +162,7 @@ def _score_paths(paths, site: SiteFile, store, *, progress: bool, device: str) -
     """Score files with each family's archive: statuses, gate scores and per-family outputs."""
     from tqdm.auto import tqdm
 
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     n = len(paths)
     status = ["ok"] * n

@@ -44,7 +44,7 @@ def configured(unpacked):
     """``configured(name, **handler_overrides)``: the archive's handler config plus overrides."""
     import json
 
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
 
     def get(name: str, **overrides):
         folder = unpacked(name)

@@ -17,7 +17,7 @@ from PIL import Image
 from cxrserve.core.imageio import decode
 from cxrserve.training.metrics import roc_auc, spearman
 from cxrserve.synthetic.phantoms import render, sample_spec
-from cxrserve.core.pipeline import Item
+from cxrserve.core.item import Item
 from handlers_loader import handler_for
 from schemas import validate
 from tsutil import png as _png

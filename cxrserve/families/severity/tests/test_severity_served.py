@@ -16,7 +16,7 @@ from PIL import Image
 
 from cxrserve.training.metrics import spearman
 from cxrserve.synthetic.phantoms import render, sample_spec
-from cxrserve.core.pipeline import Item
+from cxrserve.core.item import Item
 from handlers_loader import handler_for
 from schemas import validate
 from tsutil import png as _png

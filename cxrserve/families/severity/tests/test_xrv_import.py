@@ -148,7 +148,7 @@ def test_import_export_and_served_numbers_agree(xrv_model, tmp_path_factory):
     from cxrserve.tools import server
     from cxrserve.core.files import unpack_archive
     from cxrserve.synthetic.phantoms import render, sample_spec
-    from cxrserve.core.pipeline import load_pipeline
+    from cxrserve.core.loading import load_pipeline
     from cxrserve.core.transforms import build_transform
     from cxrserve.families.severity.xrv_import import build_severity_archive
     from tsutil import start_torchserve

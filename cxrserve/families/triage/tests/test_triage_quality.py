@@ -62,7 +62,7 @@ def test_archive_serves_without_this_repository(unpacked, tmp_path):
     code = (
         "import sys, json; sys.path.insert(0, {folder!r});"
         "import cxrserve; assert cxrserve.__file__.startswith({folder!r}), cxrserve.__file__;"
-        "from cxrserve.core.pipeline import load_pipeline;"
+        "from cxrserve.core.loading import load_pipeline;"
         "out = load_pipeline({folder!r}, device='cpu').predict_bytes(open({study!r}, 'rb').read());"
         "print(json.dumps(out['probabilities']))"
     ).format(folder=str(folder), study=str(study))

@@ -50,7 +50,7 @@ def test_zero_shot_finds_the_phantom_opacity(pipeline, held_out):
     target = TARGET
     options = zs.parse_options({"labels": [target]})
     from cxrserve.core.imageio import decode
-    from cxrserve.core.pipeline import Item
+    from cxrserve.core.item import Item
 
     results = zs.predict([Item(xray=decode(png(ph.image)), options=options) for ph in held_out])
     scores = [r["probabilities"][target] for r in results]
