@@ -1,4 +1,4 @@
-"""Tests for cxrserve.training.metrics against hand-computed values and scipy."""
+"""Tests for cxrserve.training.metrics (and its bootstrap CIs and JSON conversion) against hand-computed values and scipy."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,8 @@ import pytest
 from scipy import stats
 
 from cxrserve.training import metrics as M
+from cxrserve.training.bootstrap import bootstrap_ci
+from cxrserve.training.jsonable import to_jsonable
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -64,7 +66,7 @@ def test_report_zero_division_is_none_and_jsonable():
     assert c["sensitivity"] is None and c["ppv"] is None and c["f1"] is None and c["specificity"] == 1.0
     assert rep["balanced_accuracy"] == pytest.approx(0.5)  # mean over a (1.0) and b (0.0)
     assert rep["macro_f1"] == pytest.approx((0.8 + 0.0) / 2)  # c left out
-    text = json.dumps(M.to_jsonable(rep), allow_nan=False)
+    text = json.dumps(to_jsonable(rep), allow_nan=False)
     assert '"ppv": null' in text
     with pytest.raises(ValueError):
         M.confusion_matrix(["a"], ["z"], ["a", "b"])
@@ -159,23 +161,23 @@ def test_bootstrap_ci_contains_estimate_and_narrows():
     rng = np.random.default_rng(3)
     small = rng.normal(size=50)
     big = rng.normal(size=2000)
-    a = M.bootstrap_ci(_mean, small, n=500, seed=0)
-    b = M.bootstrap_ci(_mean, big, n=500, seed=0)
+    a = bootstrap_ci(_mean, small, n=500, seed=0)
+    b = bootstrap_ci(_mean, big, n=500, seed=0)
     assert a["low"] <= a["estimate"] <= a["high"]
     assert b["low"] <= b["estimate"] <= b["high"]
     assert (b["high"] - b["low"]) < (a["high"] - a["low"]) / 3
     # percentile CI of the mean ~ normal theory 1.96 * sd / sqrt(n)
     assert (b["high"] - b["low"]) / 2 == pytest.approx(1.96 * big.std() / math.sqrt(big.size), rel=0.15)
-    assert M.bootstrap_ci(_mean, small, n=500, seed=0) == a  # deterministic
+    assert bootstrap_ci(_mean, small, n=500, seed=0) == a  # deterministic
     assert a["n_valid"] == 500 and a["alpha"] == 0.05
 
 
 def test_bootstrap_ci_auc_skips_one_class_resamples():
     y = np.array([1, 0, 0, 0, 0, 0])
     s = np.array([0.9, 0.1, 0.2, 0.3, 0.4, 0.5])
-    ci = M.bootstrap_ci(M.roc_auc, y, s, n=300, seed=1)
+    ci = bootstrap_ci(M.roc_auc, y, s, n=300, seed=1)
     assert ci["estimate"] == 1.0 and 0 < ci["n_valid"] < 300  # resamples without the positive
-    none = M.bootstrap_ci(lambda x: None, np.arange(5), n=10)
+    none = bootstrap_ci(lambda x: None, np.arange(5), n=10)
     assert none["low"] is None and none["high"] is None and none["n_valid"] == 0
 
 
@@ -191,24 +193,24 @@ def test_cluster_bootstrap_resamples_groups():
         seen_sizes.add(len(v))
         return float(np.mean(v))
 
-    naive = M.bootstrap_ci(_mean, x, n=400, seed=0)
-    clustered = M.bootstrap_ci(spy, x, n=400, seed=0, groups=groups)
+    naive = bootstrap_ci(_mean, x, n=400, seed=0)
+    clustered = bootstrap_ci(spy, x, n=400, seed=0, groups=groups)
     assert seen_sizes == {200}  # 10 groups of 20 drawn each time
     width = lambda ci: ci["high"] - ci["low"]
     assert width(clustered) > 3 * width(naive)
-    patient_level = M.bootstrap_ci(_mean, patient_values, n=400, seed=0)
+    patient_level = bootstrap_ci(_mean, patient_values, n=400, seed=0)
     assert width(clustered) == pytest.approx(width(patient_level), rel=0.25)
     # each replicate is a union of whole groups: values come in blocks of 20
     blocks = []
-    M.bootstrap_ci(lambda v: blocks.append(np.unique(v, return_counts=True)[1]) or 0.0, x, n=20, groups=groups)
+    bootstrap_ci(lambda v: blocks.append(np.unique(v, return_counts=True)[1]) or 0.0, x, n=20, groups=groups)
     assert all(np.all(c % 20 == 0) for c in blocks)
     # unequal group sizes
     g2 = np.array([0, 0, 0, 1, 2, 2])
     sizes = set()
-    M.bootstrap_ci(lambda v: sizes.add(len(v)) or 0.0, np.arange(6), n=200, groups=g2)
+    bootstrap_ci(lambda v: sizes.add(len(v)) or 0.0, np.arange(6), n=200, groups=g2)
     assert sizes <= {3, 4, 5, 6, 7, 8, 9} and len(sizes) > 1
     with pytest.raises(ValueError):
-        M.bootstrap_ci(_mean, x, groups=groups[:5])
+        bootstrap_ci(_mean, x, groups=groups[:5])
 
 
 # --------------------------------------------------------------------------- regression
@@ -309,7 +311,7 @@ def test_to_jsonable():
         np.int64(7): "numpy key", 2: (1, 2), "set": {3, 1}, "nt": NT(1, 2.0),
         "dc": DC(np.arange(2), Path("/a/b")), "none": None, "s": "x", "cm": M.confusion_matrix([0], [0], [0, 1]),
     }
-    out = M.to_jsonable(obj)
+    out = to_jsonable(obj)
     text = json.dumps(out, allow_nan=False)
     back = json.loads(text)
     assert back["i"] == 3 and back["f"] == 0.5 and back["b"] is True and back["nan"] is None and back["inf"] is None
@@ -320,6 +322,6 @@ def test_to_jsonable():
     assert type(out["i"]) is int and type(out["f"]) is float
     import torch
 
-    assert M.to_jsonable(torch.tensor([1.5, 2.0])) == [1.5, 2.0]
+    assert to_jsonable(torch.tensor([1.5, 2.0])) == [1.5, 2.0]
     with pytest.raises(TypeError):
-        M.to_jsonable(object())
+        to_jsonable(object())

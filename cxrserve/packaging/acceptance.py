@@ -315,7 +315,8 @@ def classifier_evidence(truth: Sequence[str], predicted: Sequence[str], probabil
                         labels: Sequence[str], groups: Sequence, n_boot: int = 2000, seed: int = 0) -> dict:
     """Macro-F1 and balanced accuracy with patient-bootstrap intervals, the majority-class baseline
     (the best constant answer on this very split), and one-vs-rest AUCs with intervals."""
-    from cxrserve.training.metrics import bootstrap_ci, roc_auc
+    from cxrserve.training.bootstrap import bootstrap_ci
+    from cxrserve.training.metrics import roc_auc
 
     labels = list(labels)
     k = len(labels)

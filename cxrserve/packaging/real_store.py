@@ -414,7 +414,7 @@ def _card(ckpt: Path):
 
 def _numbers(metrics: dict) -> dict:
     """The JSON-ready part of a card's metrics (best epoch on its validation split)."""
-    from cxrserve.training.metrics import to_jsonable
+    from cxrserve.training.jsonable import to_jsonable
 
     return to_jsonable({k: v for k, v in (metrics or {}).items() if not k.startswith("_")})
 

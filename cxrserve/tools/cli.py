@@ -80,7 +80,7 @@ def cmd_store(args) -> int:
 
 def cmd_eval(args) -> int:
     from cxrserve.training.datasets import patient_split
-    from cxrserve.training.metrics import to_jsonable
+    from cxrserve.training.jsonable import to_jsonable
     from cxrserve.core.loading import load_pipeline
     from cxrserve.families import get_task
     from cxrserve.training.common import load_records

@@ -2,8 +2,8 @@
 
 Conventions: inputs are array-likes; a metric that is undefined (division by zero, a
 class absent, a constant input) returns ``None`` rather than NaN so results serialise
-to JSON ``null``. :func:`to_jsonable` converts numpy scalars/arrays (and NaN/inf) for
-``json.dump``.
+to JSON ``null`` (:func:`cxrserve.training.jsonable.to_jsonable` writes them). Confidence
+intervals of any of them: :func:`cxrserve.training.bootstrap.bootstrap_ci`.
 
 Formulas (TP/FP/TN/FN counted per class, one-vs-rest):
 
@@ -19,20 +19,17 @@ Formulas (TP/FP/TN/FN counted per class, one-vs-rest):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping
-from pathlib import PurePath
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
 __all__ = [
     "dice", "iou", "confusion_matrix", "per_class_report", "roc_auc", "roc_curve",
-    "bootstrap_ci", "sensitivity_specificity_at", "threshold_for_sensitivity",
+    "sensitivity_specificity_at", "threshold_for_sensitivity",
     "pearson", "spearman", "mae", "mse", "r2", "expected_calibration_error", "brier",
-    "pairwise_ranking_accuracy", "to_jsonable",
+    "pairwise_ranking_accuracy",
 ]
 
 
@@ -271,76 +268,6 @@ def threshold_for_sensitivity(y_true: Any, scores: Any, target: float) -> float 
     return float(pos[k - 1])
 
 
-# --------------------------------------------------------------------------- bootstrap
-def bootstrap_ci(
-    metric_fn: Callable[..., Any],
-    *arrays: Any,
-    n: int = 2000,
-    alpha: float = 0.05,
-    seed: int = 0,
-    groups: Any = None,
-) -> dict:
-    """Percentile bootstrap confidence interval of ``metric_fn(*arrays)``.
-
-    Each replicate resamples indices with replacement and calls ``metric_fn`` on the
-    indexed arrays (all indexed alike). With ``groups`` (e.g. patient ids, one per
-    sample) whole groups are resampled (cluster bootstrap): draw as many groups as
-    there are, with replacement, and take all samples of each drawn group. Replicates
-    where the metric is None or NaN (e.g. AUC on a one-class resample) are dropped and
-    counted.
-
-    Args:
-        metric_fn: function of the arrays returning a number (or None).
-        *arrays: equally long array-likes.
-        n: number of bootstrap replicates.
-        alpha: 1 - confidence level (0.05 -> 95% interval).
-        seed: RNG seed.
-        groups: optional group id per sample.
-
-    Returns:
-        ``{"estimate", "low", "high", "alpha", "n_boot", "n_valid"}``; ``low``/``high``
-        are None when no replicate gave a value.
-    """
-    arrs = [np.asarray(a) for a in arrays]
-    if not arrs:
-        raise ValueError("need at least one array")
-    size = arrs[0].shape[0]
-    if any(a.shape[0] != size for a in arrs):
-        raise ValueError("arrays must have equal length")
-    estimate = metric_fn(*arrs)
-    rng = np.random.default_rng(seed)
-    if groups is not None:
-        g = np.asarray(groups)
-        if g.shape[0] != size:
-            raise ValueError("groups must have one entry per sample")
-        _, inverse = np.unique(g, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.r_[0, np.cumsum(np.bincount(inverse))]
-        members = [order[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
-    values = []
-    for _ in range(n):
-        if groups is None:
-            idx = rng.integers(0, size, size)
-        else:
-            pick = rng.integers(0, len(members), len(members))
-            idx = np.concatenate([members[i] for i in pick])
-        v = metric_fn(*(a[idx] for a in arrs))
-        if v is None:
-            continue
-        v = float(v)
-        if math.isfinite(v):
-            values.append(v)
-    if values:
-        low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-        low, high = float(low), float(high)
-    else:
-        low = high = None
-    return {
-        "estimate": None if estimate is None else float(estimate),
-        "low": low, "high": high, "alpha": alpha, "n_boot": n, "n_valid": len(values),
-    }
-
-
 # --------------------------------------------------------------------------- regression
 def _pair(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(x, dtype=float).ravel()
@@ -528,54 +455,3 @@ def pairwise_ranking_accuracy(values: Any, targets: Any) -> float | None:
         comparable += int(ok.sum())
         concordant += float(np.sum(ok & (dv == dt))) + 0.5 * float(np.sum(ok & (dv == 0)))
     return concordant / comparable if comparable else None
-
-
-# --------------------------------------------------------------------------- json
-def to_jsonable(obj: Any) -> Any:
-    """Convert numpy types, arrays, tuples, sets, paths and dataclasses to plain JSON types.
-
-    NaN and ±inf become None (JSON has no such numbers); mapping keys become strings
-    (numpy keys are converted to their Python value first); sets become sorted lists.
-
-    Args:
-        obj: any nesting of dicts, lists, numbers, numpy objects.
-
-    Returns:
-        an object ``json.dumps`` accepts with ``allow_nan=False``.
-    """
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, PurePath):
-        return str(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if hasattr(obj, "_asdict") and isinstance(obj, tuple):
-        return to_jsonable(obj._asdict())
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            k = k.item() if isinstance(k, np.generic) else k
-            out[k if isinstance(k, str) else str(k)] = to_jsonable(v)
-        return out
-    if isinstance(obj, (set, frozenset)):
-        items = [to_jsonable(x) for x in obj]
-        try:
-            return sorted(items)
-        except TypeError:
-            return sorted(items, key=repr)
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(x) for x in obj]
-    if hasattr(obj, "tolist"):  # torch tensors and the like
-        return to_jsonable(obj.tolist())
-    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")

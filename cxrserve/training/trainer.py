@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from cxrserve.core.card import ModelCard
 from cxrserve.models.checkpoint import load_checkpoint, save_checkpoint
-from cxrserve.training.metrics import to_jsonable
+from cxrserve.training.jsonable import to_jsonable
 from cxrserve.core.runtime import autocast_dtype
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,9 @@ from scipy.special import expit
 from cxrserve.core.card import ModelCard
 from cxrserve.models.checkpoint import load_checkpoint
 from cxrserve.training.datasets import Record, fingerprint, patient_groups, patient_split
-from cxrserve.training.metrics import (bootstrap_ci, brier, expected_calibration_error, roc_auc, sensitivity_specificity_at,
-                       spearman, threshold_for_sensitivity)
+from cxrserve.training.bootstrap import bootstrap_ci
+from cxrserve.training.metrics import (brier, expected_calibration_error, roc_auc, sensitivity_specificity_at,
+                                       spearman, threshold_for_sensitivity)
 from cxrserve.families.mortality.pipeline import OUTCOMES, calibrate, log_odds
 from cxrserve.core.transforms import build_augment, build_transform
 from cxrserve.training.common import ImageCache, batch_images, describe_data

@@ -43,7 +43,8 @@ import torch
 from cxrserve.core.card import ModelCard
 from cxrserve.models.checkpoint import load_checkpoint
 from cxrserve.training.datasets import Record, fingerprint, patient_groups, patient_kfold
-from cxrserve.training.metrics import bootstrap_ci, pairwise_ranking_accuracy, pearson, roc_auc, spearman
+from cxrserve.training.bootstrap import bootstrap_ci
+from cxrserve.training.metrics import pairwise_ranking_accuracy, pearson, roc_auc, spearman
 from cxrserve.models.siamese import euclidean
 from cxrserve.core.transforms import build_augment, build_transform
 from cxrserve.training.common import ImageCache, describe_data, split
@@ -581,7 +582,7 @@ def summarize_folds(reports: Sequence[dict], n_boot: int = 2000) -> dict:
 
 
 def _jsonable(obj):
-    from cxrserve.training.metrics import to_jsonable
+    from cxrserve.training.jsonable import to_jsonable
 
     return to_jsonable(obj)
 

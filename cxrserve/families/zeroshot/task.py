@@ -43,7 +43,9 @@ import torch.nn.functional as F
 from cxrserve.core.card import ModelCard
 from cxrserve.models.checkpoint import load_model
 from cxrserve.training.datasets import Record, fingerprint
-from cxrserve.training.metrics import bootstrap_ci, roc_auc, to_jsonable
+from cxrserve.training.bootstrap import bootstrap_ci
+from cxrserve.training.jsonable import to_jsonable
+from cxrserve.training.metrics import roc_auc
 from cxrserve.models.clip import CLIP, VIT_B_32, clean_state_dict
 from cxrserve.core.transforms import build_augment, build_transform
 from cxrserve.families.zeroshot.pipeline import (CHEXPERT_LABELS, COMPONENT, NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, PREPROCESSING,

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from cxrserve.core.site_profile import archive_info
-from cxrserve.training.metrics import roc_curve, to_jsonable
+from cxrserve.training.jsonable import to_jsonable
+from cxrserve.training.metrics import roc_curve
 from cxrserve.tools.site import html as H
 from cxrserve.tools.site import plots
 from cxrserve.tools.site.config import SiteFile

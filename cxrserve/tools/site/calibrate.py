@@ -27,7 +27,7 @@ import numpy as np
 
 from cxrserve.core.site_profile import (PROFILE_FILE, PROFILE_FORMAT, FamilyProfile, adjust, archive_info, decide,
                                         profile_from_dict)
-from cxrserve.training.metrics import to_jsonable
+from cxrserve.training.jsonable import to_jsonable
 from cxrserve.tools.site import html as H
 from cxrserve.tools.site import plots
 from cxrserve.tools.site.config import SiteFile

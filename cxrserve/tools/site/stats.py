@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrserve.training.metrics import bootstrap_ci, expected_calibration_error, roc_auc
+from cxrserve.training.bootstrap import bootstrap_ci
+from cxrserve.training.metrics import expected_calibration_error, roc_auc
 
 
 def _rate(num, den):
