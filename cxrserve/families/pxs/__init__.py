@@ -2,7 +2,7 @@
 
 Pipeline and pool maths: :mod:`.pipeline`; building pools (``cxrserve pool``):
 :mod:`.pool`; training (contrastive pre-training, then severity pairs): :mod:`.task_pretrain`,
-:mod:`.task`.
+:mod:`.task`, sharing :mod:`.training`; cross-validation (``cxrserve pxs crossval``): :mod:`.crossval`.
 """
 from cxrserve.core.family import Family, Served
 from cxrserve.families.pxs import preprocessing  # noqa: F401  registers the pipelines its cards name
@@ -18,5 +18,5 @@ FAMILY = Family(
                viewer_inputs=("prior",), bench_growth="cxrserve.families.pxs.bench:pool_growth"),
     ),
     tasks={"pxs_pretrain": "cxrserve.families.pxs.task_pretrain", "pxs": "cxrserve.families.pxs.task"},
-    cli=("cxrserve.families.pxs.pool", "cxrserve.families.pxs.task"),
+    cli=("cxrserve.families.pxs.pool", "cxrserve.families.pxs.crossval"),
 )

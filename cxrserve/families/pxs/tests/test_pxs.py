@@ -20,8 +20,8 @@ from cxrserve.synthetic.phantoms import PhantomSpec, render, write_dataset
 from cxrserve.families.pxs.pipeline import (PoolError, ReferencePool, change_direction, leave_one_out_scores,
                                             percentiles, pxs_scores)
 from cxrserve.families.pxs.pool import build_pool
-from cxrserve.families.pxs.task import (class_balanced_batches, contrastive_loss, same_patient_pairs, severity,
-                                severity_pair_loss)
+from cxrserve.families.pxs.task import same_patient_pairs
+from cxrserve.families.pxs.training import class_balanced_batches, contrastive_loss, severity, severity_pair_loss
 
 MODEL = "cxr-pxs"
 

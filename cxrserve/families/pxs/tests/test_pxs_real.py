@@ -11,7 +11,9 @@ import pytest
 from cxrserve.training.datasets import patient_groups, patient_kfold
 from cxrserve.families.pxs.pool import find_normal_images
 from cxrserve.training.common import load_records
-from cxrserve.families.pxs.task import pretrain_records, same_patient_pairs, scored_records
+from cxrserve.families.pxs.task import same_patient_pairs
+from cxrserve.families.pxs.task_pretrain import pretrain_records
+from cxrserve.families.pxs.training import scored_records
 
 pytestmark = pytest.mark.shared_data
 
