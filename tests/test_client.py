@@ -15,7 +15,8 @@ import cv2
 import pytest
 import requests
 
-from cxrserve.tools import client as client_mod
+from cxrserve.tools import server
+from cxrserve.tools.client import cli as predict_cli
 from cxrserve.tools.client import AuthenticationError, CXRClient, InputRejected, ServerUnavailable
 from cxrserve.synthetic.phantoms import render, sample_spec
 from tsutil import free_port
@@ -106,7 +107,7 @@ def test_client_follows_a_rotated_token(served, tmp_path):
         assert c.credentials.token != old
     finally:
         # The session's other tests read keys once at start: give them a valid token again.
-        served.keys.update(client_mod.server.read_keys(key_file))
+        served.keys.update(server.read_keys(key_file))
         c.close()
 
 
@@ -120,7 +121,7 @@ def test_predict_command_saves_pngs_next_to_summary(served, tmp_path, capsys):
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     parser = argparse.ArgumentParser()
-    client_mod.register_cli(parser.add_subparsers())
+    predict_cli.register_cli(parser.add_subparsers())
     out = tmp_path / "out"
     args = parser.parse_args(["predict", *files, str(bad), "--model", "cxr-triage", "--heatmap", "--url",
                               served.inference, "--key-file", str(served.workdir / "key_file.json"), "--out", str(out)])

@@ -297,7 +297,8 @@ def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_st
     from cxrserve.packaging.store import StoreBuilder
     from cxrserve.synthetic.dicomwrite import to_dicom
     from cxrserve.synthetic.phantoms import render, sample_spec
-    from cxrserve.tools import client, dicom_results
+    from cxrserve.tools import dicom_results
+    from cxrserve.tools.client import cli as predict_cli
     from cxrserve.tools.dicom_results import response as dr_response
     from cxrserve.tools.batch.rows import headline_columns
     from cxrserve.tools.batch.run import run_batch
@@ -347,7 +348,7 @@ def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_st
     server = TinyServer(tiny)
     try:
         parser = argparse.ArgumentParser()
-        client.register_cli(parser.add_subparsers())
+        predict_cli.register_cli(parser.add_subparsers())
         args = parser.parse_args(["predict", str(png), "--model", "cxr-tiny", "--glow", "--url", server.url,
                                   "--out", str(tmp_path / "predicted")])
         assert args.func(args) == 0

@@ -18,8 +18,8 @@ from cxrserve import __version__
 
 #: The tools' own subcommands (and the real-store options of ``store build``); each family adds its
 #: own (``Family.cli``, read from the registry).
-TOOL_PLUGINS = ("cxrserve.tools.client", "cxrserve.tools.batch.cli", "cxrserve.tools.ui", "cxrserve.tools.bench.cli",
-                "cxrserve.tools.kserve.cli", "cxrserve.tools.node",
+TOOL_PLUGINS = ("cxrserve.tools.client.cli", "cxrserve.tools.batch.cli", "cxrserve.tools.ui",
+                "cxrserve.tools.bench.cli", "cxrserve.tools.kserve.cli", "cxrserve.tools.node",
                 "cxrserve.tools.site",
                 "cxrserve.packaging.real_store")
 

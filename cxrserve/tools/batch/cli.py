@@ -16,7 +16,8 @@ IN_PROCESS_CONCURRENCY = 2
 
 
 def cmd_batch(args) -> int:
-    from cxrserve.tools.client import CXRClient, protocol_of
+    from cxrserve.tools.client import CXRClient
+    from cxrserve.tools.client.cli import protocol_of
 
     options = {}
     for text in args.option or []:
@@ -73,7 +74,7 @@ def cmd_batch(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    from cxrserve.tools.client import add_connection_args
+    from cxrserve.tools.client.cli import add_connection_args
 
     p = subparsers.add_parser("batch", help="score a folder / glob / CSV of files into CSV or JSONL (resumable)")
     p.add_argument("inputs", nargs="+", help="folders (recursive), glob patterns, files, or CSVs of paths")

@@ -57,8 +57,9 @@ from urllib.parse import parse_qs, urlparse
 
 import requests
 
-from cxrserve.tools.client import (DEFAULT_MANAGEMENT, DEFAULT_REST, AuthenticationError, CXRClient, CXRServeError,
-                      InputRejected, ServerUnavailable)
+from cxrserve.tools.client import AuthenticationError, CXRClient, CXRServeError, InputRejected, ServerUnavailable
+from cxrserve.tools.client.client import DEFAULT_REST
+from cxrserve.tools.client.credentials import DEFAULT_MANAGEMENT
 from cxrserve.core.imageio import MAX_BYTES
 
 log = logging.getLogger(__name__)

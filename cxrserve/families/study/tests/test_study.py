@@ -262,7 +262,7 @@ def test_served_study_over_rest(model_store, study, images, tmp_path):
 
 def test_predict_cli_output_for_a_study(study, images, tmp_path):
     """``cxrserve predict`` (default model cxr-study): one block per family, section pictures saved."""
-    from cxrserve.tools.client import _saved_files, format_human, save_pngs
+    from cxrserve.tools.client.cli import _saved_files, format_human, save_pngs
 
     result = study.predict_bytes(images["a"], {"pictures": "true", "labels": "x" * 300})
     saved = save_pngs(result, tmp_path, "000_a")
