@@ -363,7 +363,8 @@ def test_a_new_family_shows_in_the_sr_the_csv_the_client_and_the_viewer(model_st
         if not chromium.exists():
             pytest.skip("Chromium from the OS packages is not installed (`make browser`): SR, CSV, client checked")
         sync_api = pytest.importorskip("playwright.sync_api")
-        from cxrserve.tools.ui.app import UIConfig, make_server
+        from cxrserve.tools.ui.config import UIConfig
+        from cxrserve.tools.ui.server import make_server
 
         viewer = make_server(UIConfig(port=0, inference=server.url, management="http://127.0.0.1:9"))
         threading.Thread(target=viewer.serve_forever, daemon=True).start()

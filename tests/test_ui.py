@@ -17,7 +17,9 @@ import requests
 from PIL import Image
 
 from cxrserve.synthetic.phantoms import render, sample_spec
-from cxrserve.tools.ui.app import UIConfig, make_server, views
+from cxrserve.tools.ui.config import UIConfig
+from cxrserve.tools.ui.server import make_server
+from cxrserve.tools.ui.views import views
 from schemas import validate
 from tsutil import png
 

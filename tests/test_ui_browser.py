@@ -15,7 +15,9 @@ from PIL import Image
 
 from cxrserve.synthetic.dicomwrite import to_dicom
 from cxrserve.synthetic.phantoms import render, sample_spec
-from cxrserve.tools.ui.app import UIConfig, make_server, views
+from cxrserve.tools.ui.config import UIConfig
+from cxrserve.tools.ui.server import make_server
+from cxrserve.tools.ui.views import views
 
 FAMILY_VIEWS = [v for v in views() if not v.composes]  # cards; the composed study fills them
 STUDY_VIEW = next((v.name for v in views() if v.composes), None)

@@ -23,8 +23,9 @@ from unittest import mock
 import pytest
 import requests
 
-from cxrserve.tools.ui import app
-from cxrserve.tools.ui.app import UIConfig, make_server, read_secret_file
+from cxrserve.tools.ui import cli as ui_cli
+from cxrserve.tools.ui.config import UIConfig, read_secret_file
+from cxrserve.tools.ui.server import make_server
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -140,8 +141,8 @@ def test_chromium_logs_in_from_the_launcher_file_and_from_a_link(ui):
     if not CHROMIUM.exists():
         pytest.skip("Chromium from the OS packages is not installed: run `make browser`")
     sync_api = pytest.importorskip("playwright.sync_api")
-    with mock.patch.object(app.webbrowser, "open") as opened:
-        folder = app.open_in_browser(ui.secret_url)  # what `cxrserve ui --open` hands the browser
+    with mock.patch.object(ui_cli.webbrowser, "open") as opened:
+        folder = ui_cli.open_in_browser(ui.secret_url)  # what `cxrserve ui --open` hands the browser
     launcher = Path(opened.call_args.args[0].removeprefix("file://"))
     assert ui.secret not in opened.call_args.args[0]  # the browser's command line shows no secret
     assert launcher.parent == folder and (folder.stat().st_mode & 0o777, launcher.stat().st_mode & 0o777) == (
@@ -189,7 +190,7 @@ def test_secrets_differ_per_start_and_stay_out_of_the_log(ui, caplog):
     other = make_server(UIConfig(port=0, token="t"))
     assert other.secret != ui.secret
     other.server_close()
-    with caplog.at_level(logging.INFO, logger="cxrserve.tools.ui.app"):
+    with caplog.at_level(logging.INFO, logger="cxrserve.tools.ui.handler"):
         login(ui).close()
     assert "secret=<redacted>" in caplog.text and ui.secret not in caplog.text
 

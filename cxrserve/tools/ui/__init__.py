@@ -29,7 +29,7 @@ from __future__ import annotations
 
 
 def register_cli(subparsers) -> None:
-    from cxrserve.tools.ui.app import add_arguments, cmd_ui
+    from cxrserve.tools.ui.cli import add_arguments, cmd_ui
 
     p = subparsers.add_parser("ui", help="web viewer for the served models (local page, proxies to TorchServe)")
     add_arguments(p)
