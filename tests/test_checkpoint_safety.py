@@ -59,7 +59,7 @@ def _mark_real(path):
 
 
 def _card(path):
-    from cxrserve.packaging.real_store import _card
+    from cxrserve.packaging.real_eval import checkpoint_card as _card
 
     return _card(path)
 
@@ -80,7 +80,7 @@ LOADERS = {
     "load_checkpoint": load_checkpoint,  # trainer resume, mortality/severity/pxs tasks
     "load_model": load_model,  # train --set segmentation=PATH, bench naive
     "export_component": _export,  # store build --checkpoint NAME=PATH
-    "real_store._card": _card,  # store build --data: evaluation
+    "real_eval.checkpoint_card": _card,  # store build --data: evaluation
     "real_store._mark_real": _mark_real,  # store build --data: the card says real
     "pxs pool load_embedder": _pool_embedder,  # pool build --model PATH
 }

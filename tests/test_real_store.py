@@ -125,7 +125,7 @@ def test_evaluation_json_and_generated_card_fragment(built, capsys):
 def test_every_declared_target_is_measured_by_the_build(built):
     """Each family's real_store target keys name numbers its evaluation JSON really has
     (a renamed metric would otherwise turn its row into 'not measured' unnoticed)."""
-    from cxrserve.packaging.real_store import _flatten, targets
+    from cxrserve.packaging.real_card import _flatten, targets
 
     root, _, _ = built
     declared = targets()

@@ -40,10 +40,8 @@ and work folders are build outputs.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import re
 import time
 from collections import defaultdict
 
@@ -52,28 +50,17 @@ from pathlib import Path
 from typing import Iterable
 
 from cxrserve import families
+from cxrserve.packaging.real_card import GATE, card_fragment
+from cxrserve.packaging.real_eval import checkpoint_card, cut_validation, evaluate_archive
 from cxrserve.packaging.store import DONE, StoreBuilder, mark_trained
 from cxrserve.training.recipes import META_KEYS, task_settings
 
 log = logging.getLogger(__name__)
 
-GATE = "gate"  # the input gate component every archive carries (cxrserve.core.pipeline.GATE_COMPONENT)
 
 REAL_WARNING = ("REAL-DATA MODEL (real, {version}): trained by `cxrserve store build --data` on {trained_on}. "
                 "Research use only, not a medical device; its validation numbers (and the targets they miss) "
                 "are in the store's model-card fragment")
-
-def targets() -> list[tuple[str, str, float, str, str]]:
-    """Each family's real-data targets (``real_store.<component>.targets`` in its recipes):
-    ``(archive, what, target, "min" | "max", regex over the flattened evaluation JSON keys)``."""
-    out = []
-    for name, (_, served) in families.served().items():
-        if not served.components:  # a composed model (cxr-study) has no model of its own to score
-            continue
-        block = families.recipe_components("real_store").get(served.components[-1]) or {}
-        out += [(name, t["what"], float(t["target"]), t["sense"], t["key"]) for t in block.get("targets", [])]
-    return out
-
 
 class RealStoreBuilder(StoreBuilder):
     """:class:`StoreBuilder` whose components are trained on real data instead of phantoms."""
@@ -269,7 +256,7 @@ class RealStoreBuilder(StoreBuilder):
         task = families.get_task(self.components_cfg[GATE]["task"])  # its truth: task.gate_label
         self.leave_out.discard(GATE)
         ckpt = self.checkpoint(GATE)
-        card = _card(ckpt)
+        card = checkpoint_card(ckpt)
         folder = self.component(GATE)  # scored as served: the exported model, its preprocessing
         runtime = load_runtime(folder, "torchscript", torch.device(self.eval_device))
         meta = ModelCard.load(folder / "metadata.json")
@@ -288,7 +275,7 @@ class RealStoreBuilder(StoreBuilder):
         records = self.records() + (load_records(self.negatives(GATE, cfg["negatives"])) if cfg.get("negatives") else [])
         sp = card.extra.get("split", {})
         _, val = split(records, float(sp.get("val_fraction", 0.2)), int(sp.get("seed", 0)))
-        val = _cut(val, card, None)
+        val = cut_validation(val, card, None)
         frontal = [r for r in val if task.gate_label(r) == task.FRONTAL]
         other = [r for r in val if task.gate_label(r) != task.FRONTAL]
         # phantoms of other kinds, from a seed its training never drew
@@ -402,207 +389,6 @@ class RealStoreBuilder(StoreBuilder):
             (out / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
             results[name] = result
         return results
-
-
-# --------------------------------------------------------------------------- evaluation
-def _card(ckpt: Path):
-    from cxrserve.core.card import ModelCard
-    from cxrserve.models.checkpoint import load_checkpoint
-
-    return ModelCard.from_dict(load_checkpoint(ckpt)["card"])
-
-
-def _numbers(metrics: dict) -> dict:
-    """The JSON-ready part of a card's metrics (best epoch on its validation split)."""
-    from cxrserve.training.jsonable import to_jsonable
-
-    return to_jsonable({k: v for k, v in (metrics or {}).items() if not k.startswith("_")})
-
-
-def _cut(records, card, limit):
-    want = card.extra.get("split", {}).get("val")
-    records = list(records)[:want] if want is not None and want < len(records) else list(records)
-    return records[:limit] if limit else records
-
-
-def evaluate_archive(builder: RealStoreBuilder, name: str) -> dict:
-    """Served-pipeline metrics on the archive's own patient-level validation split."""
-    from cxrserve.core.loading import load_pipeline
-    from cxrserve.families import get_task
-
-    # the archive's own model: its last component before the shared gate (cxr-triage: the classifier)
-    main = families.get_served(name)[1].components[-1]  # composed models are not evaluated here
-    card = _card(builder.checkpoint(main))
-    sp = card.extra.get("split", {})
-    result = {"archive": name, "component": main, "version": card.version, "trained_on": card.trained_on,
-              "split": sp, "training_validation": _numbers(card.metrics)}
-    records = builder.records()
-    task = get_task(builder.components_cfg[main]["task"])
-    vf, seed = sp.get("val_fraction"), sp.get("seed", 0)
-    val = None
-    if hasattr(task, "training_split") and vf is not None:
-        # split settings beyond the fraction and seed (mortality's test_fraction, PXS's target) as recorded
-        accepted = inspect.signature(task.training_split).parameters
-        extra = {k: v for k, v in sp.items() if k in accepted and k not in ("val_fraction", "seed", "records")}
-        _, val = task.training_split(records, val_fraction=vf, seed=seed, **extra)
-        method = f"{task.__name__}.training_split(val_fraction={vf}, seed={seed})"
-    else:
-        method = "training-time validation only (see training_validation)"
-    result["validation_method"] = method
-    if val is not None:
-        val = _cut(val, card, builder.max_eval)
-        pipeline = load_pipeline(builder.store / f"{name}.mar", device=builder.eval_device)
-        result["validation"] = task.evaluate(pipeline, val)
-        result["validation_n"] = len(val)
-        if main in builder.classifiers:  # the bars need per-film answers the task's report does not keep
-            result["acceptance"] = classifier_pass(pipeline, val, **builder.classifiers[main])
-    return result
-
-
-def classifier_pass(pipeline, records, *, truth: str, label: str, probabilities: str, chunk: int = 16) -> dict:
-    """Every labelled validation film through the served classifier with the gate reporting only (the
-    gate is judged on its own bars), then :func:`acceptance.classifier_evidence` by patient. ``truth``:
-    the record attribute with the true label; ``label``/``probabilities``: the answer's fields."""
-    from cxrserve.core.imageio import read_file
-    from cxrserve.core.item import Item
-    from cxrserve.packaging import acceptance
-    from cxrserve.training.datasets import patient_groups
-
-    def truth_of(record):
-        return getattr(record, truth)
-
-    records = [r for r in records if truth_of(r) is not None]
-    pipeline.config["gate_enforce"] = False
-    labels = list(pipeline.parts[list(pipeline.parts)[-1]].card.labels)  # the classifier: last component
-    kept, predicted, scores = [], [], []
-    for start in range(0, len(records), chunk):
-        part = records[start : start + chunk]
-        for r, out in zip(part, pipeline.predict([Item(xray=read_file(r.path), options=pipeline.parse_options({}))
-                                                  for r in part])):
-            if isinstance(out, dict):  # a film the input checks refuse has no answer to score
-                kept.append(r)
-                predicted.append(out[label])
-                scores.append([out[probabilities][name] for name in labels])
-    evidence = acceptance.classifier_evidence([truth_of(r) for r in kept], predicted, scores, labels,
-                                              patient_groups(kept))
-    evidence["unscored"] = len(records) - len(kept)
-    return evidence
-
-
-# --------------------------------------------------------------------------- card fragment
-def _flatten(obj, prefix: str = "") -> dict[str, object]:
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-        out[prefix[:-1]] = obj
-    return out
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "-" if value is None else str(value)
-
-
-def _interval(flat: dict, key: str) -> str:
-    sibling = key.rsplit(".", 1)[0] + ".ci95"  # {"auc": x, "ci95": [lo, hi]} (zero-shot's per-label rows)
-    for name in (key + "_ci95", key + "_ci", sibling):
-        ci = flat.get(name)
-        if ci is None:
-            low, high = flat.get(f"{name}.low"), flat.get(f"{name}.high")
-            ci = [low, high] if low is not None else None
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
-            return f" ({float(ci[0]):.2f}-{float(ci[1]):.2f})"
-    return ""
-
-
-def acceptance_section(verdicts: dict, decisions: dict[str, dict], gate: dict | None) -> list[str]:
-    """The acceptance part of the card: what shipped and why not, and every bar of every component
-    (bar, value with its interval, what it needs, pass/fail), from the verdicts alone."""
-    lines = ["## Acceptance: minimum bars on the validation split", "",
-             "Each component is held to the bars of `cxrserve/packaging/acceptance.py` (`store.acceptance` in "
-             "the recipe) before its archive is shipped as `real`; an archive ships only when every component it "
-             "carries passes. A failing gate is carried by no archive.", "",
-             "| archive | shipped | why not |", "|---|---|---|"]
-    for name, d in decisions.items():
-        shipped = {"this build": "yes", "previous": f"previous accepted version ({d.get('previous', {}).get('accepted')})",
-                   None: "**no**"}[d["shipped"]]
-        lines.append(f"| {name} | {shipped} | {'; '.join(d['reasons']) or '-'} |")
-    if gate:
-        verdict = verdicts.get(GATE)
-        t = gate.get("threshold")
-        lines += ["", f"Input gate: {'shipped in every archive' if verdict and verdict.passed else '**not shipped** (no archive carries it, so nothing is refused by it)'}; "
-                  + (f"accept threshold {t:.4f} (trained {gate['trained_threshold']:g}), set where it refuses at most the "
-                     f"bar's share of the {gate['frontal']['n']} validation frontal films" if t is not None else
-                     "no validation frontal films to set its threshold on")
-                  + "; held-out phantoms refused per kind: "
-                  + ", ".join(f"{k} {v['refused']}/{v['n']}" for k, v in gate["phantom_kinds"]["by_kind"].items())]
-    lines += ["", "| component | bar | value (95 % CI) | needs | pass |", "|---|---|---|---|---|"]
-    for component, verdict in verdicts.items():
-        for c in verdict.checks:
-            needs = c.bar.describe() + (f" ({c.bound:.3f})" if c.bar.baseline and c.bound is not None else "")
-            outcome = "pass" if c.passed else f"**FAIL**: {c.reason}"
-            if c.passed and c.reason:
-                outcome = c.reason
-            lines.append(f"| {component} | {c.label} | {c.value_text()} | {needs} | {outcome} |")
-        if not verdict.checks:
-            lines.append(f"| {component} | - | - | - | **FAIL**: no acceptance bar applies |")
-    return lines + [""]
-
-
-def card_fragment(results: dict[str, dict], verdicts: dict | None = None, decisions: dict[str, dict] | None = None,
-                  gate: dict | None = None) -> str:
-    """Markdown generated from the evaluation JSON alone (no number is typed by hand)."""
-    lines = ["# Real store: validation numbers (generated by `cxrserve store build --data`)", "",
-             "Every value is read from the archive's evaluation JSON (`eval/<archive>.json`): rows without "
-             "'best epoch' were measured through the served pipeline on the patient-level validation split its "
-             "training held out; 'best epoch' rows are the training's own evaluation of that split (eager "
-             "model, the epoch kept). Targets are issue 15's.",
-             ""]
-    if verdicts is not None:
-        lines += acceptance_section(verdicts, decisions or {}, gate)
-    for name, result in results.items():
-        flat = {k: v for k, v in _flatten(result).items()}
-        shipped = (decisions or {}).get(name, {"shipped": "this build" if decisions is None else "not asked"})["shipped"]
-        status = {"this build": "", "previous": " (NOT SHIPPED: the store keeps its previous accepted version)",
-                  None: " (NOT SHIPPED: missed its acceptance bars)",
-                  "not asked": " (not asked for: evaluated to judge a component another archive carries)"}[shipped]
-        lines += [f"## {name}{status}", "", f"version `{result.get('version')}`, trained on {result.get('trained_on')}; "
-                  f"validation: {result.get('validation_method')}, n = {result.get('validation_n', '-')}"
-                  + (f", refused by the input checks or gate: {flat['validation.rejected']}"
-                     if flat.get("validation.rejected") else ""), "",
-                  "| metric | value (95 % CI) | target | met |", "|---|---|---|---|"]
-        rows = 0
-        for archive, what, target, sense, pattern in targets():
-            if archive != name:
-                continue
-            for key, value in flat.items():
-                m = re.search(pattern, key)
-                if not m or isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
-                    continue
-                label = what.format(**m.groupdict())
-                if value is None:  # the key exists but nothing could be scored (e.g. every film refused)
-                    lines.append(f"| {label} | not measured (no scorable films) | "
-                                 f"{'>=' if sense == 'min' else '<='} {target:g} | - |")
-                    rows += 1
-                    continue
-                met = value >= target if sense == "min" else value <= target
-                lines.append(f"| {label} | {_fmt(float(value))}{_interval(flat, key)} | "
-                             f"{'>=' if sense == 'min' else '<='} {target:g} | {'yes' if met else 'no'} |")
-                rows += 1
-        if not rows:
-            for _, what, target, sense, _ in [t for t in targets() if t[0] == name]:
-                lines.append(f"| {what.format_map(defaultdict(lambda: 'every one'))} | not measured by this build | "
-                             f"{'>=' if sense == 'min' else '<='} {target:g} | - |")
-        numbers = {k: v for k, v in flat.items() if k.startswith("training_validation.") and k.count(".") == 1
-                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if numbers:
-            lines += ["", "Best epoch on the training's own validation split: "
-                      + ", ".join(f"{k.split('.', 1)[1]} {_fmt(v)}" for k, v in sorted(numbers.items()))]
-        lines.append("")
-    return "\n".join(lines)
 
 
 class AcceptanceFailed(RuntimeError):
