@@ -519,14 +519,6 @@ HTJ2K = {
         "/Pnngpy98m5HZHDZLi5HQnEB/j9+z9fj8+t7/3v/PhEAAAAe8iMeIeD+q2E9iqE/ZJ79knssNR4MNkuKAFYB/v9Pv39+/n7/"
         "fz+/fv7+q8CPjBOjlsMKSiBeAP/Z"
     ),
-    "1.2.840.10008.1.2.4.202": (
-        "/0//UQApQAAAAAAgAAAAGAAAAAAAAAAAAAAAIAAAABgAAAAAAAAAAAABBwEB/1AACAACAAAAA/9SAAwAAgABAAIEBEAB/1wA"
-        "CiBQWFhYUFBY/2QAFgABT3BlbkpQSCBWZXIgMC45LjAu/5AACgAAAAABEgAB/5PAF3L/a8efx/n6+sZ6p93Bex3uz9/l4HFZ"
-        "zRBKAvejb+xEcHiD9mOl9eceybj0DCJ2qVKA4AiyAAABvgDAC1oAWzAC1l6ZIrE3CxAwoJXPQgPy5cFeXxQCWADmpVBUKBEB"
-        "OKZPHjrK5QEAnuT2WAVxU9wAgcNe41E3Ag9k95knwecEb3k4PANZAMAXUwBdbAC3ACTD/IdffIyHx08fw3w8vq+HwfD6/OiB"
-        "/Pnngpy98m5HZHDZLi5HQnEB/j9+z9fj8+t7/3v/PhEAAAAe8iMeIeD+q2E9iqE/ZJ79knssNR4MNkuKAFYB/v9Pv39+/n7/"
-        "fz+/fv7+q8CPjBOjlsMKSiBeAP/Z"
-    ),
     "1.2.840.10008.1.2.4.203": (
         "/0//UQApQAAAAAAgAAAAGAAAAAAAAAAAAAAAIAAAABgAAAAAAAAAAAABBwEB/1AACAACAAAAIP9SAAwAAgABAAIEBEAA/1wA"
         "ESJJ8EpCSkJKlkIgQiBB2P9kABYAAU9wZW5KUEggVmVyIDAuOS4wLv+QAAoAAAAAARgAAf+TwC7wd4de9q+jfnJkZFPRF52i"
@@ -536,6 +528,9 @@ HTJ2K = {
         "QGc2BgrQF4VBjPA/EWAwMJP+q8l0KODfobIEC/QiPwD/2Q=="
     ),
 }
+# The reversible codestream is already in RPCL order (its COD segment says so), which both
+# HTJ2K Lossless and HTJ2K Lossless RPCL allow: one codestream serves both syntaxes.
+HTJ2K["1.2.840.10008.1.2.4.202"] = HTJ2K["1.2.840.10008.1.2.4.201"]
 
 
 def _gradient() -> np.ndarray:
