@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
   reason TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (sop_hash, destination)
 );
+-- the worker asks for due instances of a status every poll; the table is never pruned
+CREATE INDEX IF NOT EXISTS instances_by_status ON instances (status, received);
 """
 
 
