@@ -28,7 +28,6 @@ connection errors; on top, a request that still fails with a 5xx is tried again 
 
 One module per idea: :mod:`.inputs` (finding and keying the files), :mod:`.scorers`
 (remote or in-process), :mod:`.rows` (a row's columns, a composed model's headlines),
-:mod:`.writer` (the resumable rows file), :mod:`.privacy` (no DICOM value in rows or
-logs), :mod:`.dicom_out` (``--dicom-out``), :mod:`.run` (the driver and its summary),
-:mod:`.cli` (the command).
+:mod:`.writer` (the resumable rows file), :mod:`.dicom_out` (``--dicom-out``), :mod:`.run` (the driver and its summary),
+:mod:`.cli` (the command). No DICOM value in rows or logs: :mod:`cxrserve.tools.privacy`.
 """

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from cxrserve.tools.batch.inputs import BatchInput
-from cxrserve.tools.batch.privacy import error_text
+from cxrserve.tools.privacy import error_text
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from cxrserve.tools.batch.inputs import BatchInput, describe_input, short_hash
-from cxrserve.tools.batch.privacy import withhold_dicom_values
+from cxrserve.tools.privacy import withhold_dicom_values
 from cxrserve.tools.batch.rows import make_row
 from cxrserve.tools.batch.scorers import InProcessScorer
 from cxrserve.tools.batch.writer import RowWriter

@@ -144,12 +144,11 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        from pydicom import config as dicom_config
+        from cxrserve.tools.privacy import withhold_dicom_values
 
-        # pydicom's read-time warnings quote the offending value (a name, a birth date) and the
-        # node reads headers of every instance it takes: none of that may reach its log
-        # (clean_source repairs or blanks such values in the results)
-        dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
+        # the node reads every instance's header, and pydicom's warnings quote the offending
+        # value (a name, a birth date): as in batch, none of that may reach its log
+        withhold_dicom_values()
         self.recover()
         self._start_worker()
         self.scp.start()
@@ -418,9 +417,7 @@ def run(cfg: NodeConfig, scorer=None) -> int:
     """Run until SIGTERM/SIGINT; in-flight work finishes its current step first."""
     import signal
 
-    # highdicom logs every copied module at INFO (naming the source's SOP Instance UID)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # highdicom's: Node.start (tools.privacy)
     node = Node(cfg, scorer)
     stop = threading.Event()
 

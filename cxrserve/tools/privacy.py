@@ -1,4 +1,6 @@
-"""What ``cxrserve batch`` may write about a failure: no DICOM value in a row or a log line."""
+"""What a tool may write about a failure or a header: no DICOM value in a row, an audit line or a log.
+
+Shared by ``cxrserve batch`` and the DICOM node, the two tools that read every header they are sent."""
 from __future__ import annotations
 
 import logging
@@ -22,7 +24,7 @@ def error_text(err: BaseException, safe: tuple[type[BaseException], ...] = ()) -
 
 class WithholdQuotedValues(logging.Filter):
     """pydicom's own warnings quote the value they flag ("Invalid value for VR DA: '1950/01/02'.",
-    logged when ``--dicom-out`` copies the patient module): the batch log keeps the warning
+    logged when a header is read or the patient module copied): the log keeps the warning
     without the value."""
 
     QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
@@ -33,7 +35,7 @@ class WithholdQuotedValues(logging.Filter):
 
 
 def withhold_dicom_values() -> None:
-    """Keep DICOM values out of the batch log; idempotent.
+    """Keep DICOM values out of this process's log (batch, the node); idempotent.
 
     * :class:`WithholdQuotedValues` on pydicom's logger (pydicom logs on that one logger),
       and the same text that pydicom repeats as a ``UserWarning`` (stderr) silenced;
