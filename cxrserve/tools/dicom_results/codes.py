@@ -42,7 +42,17 @@ SHARED_CODES = {
     "research_statement": _p("CXR0092", "Research use statement"),
     "qualitative_container": Code("C0034375", "UMLS", "Qualitative Evaluations"),
     "family_gate": _p("CXR0106", "Input quality gate"),
+    # site calibration (a section served with a site profile): TID 300 Measurement Method values
+    "site_calibrated": _p("CXR0093", "Site-calibrated model output"),
+    "uncalibrated": _p("CXR0094", "Model output before site calibration"),
+    # worklist priority (cxrserve.core.priority): CODE items of the Qualitative Evaluations container
+    "priority": _p("CXR0110", "Worklist priority"),
+    "priority_reason": _p("CXR0114", "Worklist priority reason"),
+    "priority_rules": _p("CXR0115", "Worklist priority rules"),
 }
+#: Values of ``priority`` (:data:`cxrserve.core.priority.LEVELS`).
+PRIORITY_LEVELS = {"urgent": _p("CXR0111", "Urgent"), "routine": _p("CXR0112", "Routine"),
+                   "not assessed": _p("CXR0113", "Priority not assessed")}
 
 
 class _Codes(Mapping):

@@ -7,53 +7,110 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from cxrserve.core.family import NO_UNITS, Coded, Num, NumEach, Report, import_object
-from cxrserve.tools.dicom_results.codes import CODES, MANUFACTURER, RESEARCH_NOTICE, add_coding_scheme, code, gate_code
+from cxrserve.tools.dicom_results.codes import (CODES, MANUFACTURER, PRIORITY_LEVELS, RESEARCH_NOTICE,
+                                                add_coding_scheme, code, gate_code)
 from cxrserve.tools.dicom_results.identity import SR_SERIES_NUMBER, result_uid
 from cxrserve.tools.dicom_results.response import NotProcessed, at, is_demo, reported_sections, section_ok
 
 log = logging.getLogger(__name__)
 
 
+#: What a section served under a site profile carries besides its calibrated values (the
+#: serving core adds them to any family): the values as served before calibration, and which
+#: profile and operating point made the difference.
+UNCALIBRATED = "uncalibrated"
+SITE_FACTS = (("site", "site"), ("operating_point", "operating point"), ("site_profile", "site profile"))
+
+
 def _algorithm(name: str, section: dict):
     import highdicom as hd
 
     params = [f"weights: {'demo' if is_demo(section) else 'trained'}", "research use only: yes"]
+    # TID 4019 Algorithm Parameters (TEXT): the site profile that calibrated this section
+    params += [f"{label}: {section[key]}"[:1024] for key, label in SITE_FACTS if section.get(key)]
     return hd.sr.AlgorithmIdentification(name=section.get("model", name),
                                          version=str(section.get("model_version", "unknown"))[:64],
                                          parameters=params, family=CODES["ai"], manufacturer=MANUFACTURER)
 
 
-def _m(name: Code, value, unit: Code, algorithm):
+def _m(name: Code, value, unit: Code, algorithm, method: Code | None = None):
     import highdicom as hd
 
-    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm)
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm, method=method)
 
 
-def _q(name: Code, value: Code):
+def _q(name: Code, value: Code, method: Code | None = None):
+    """A qualitative evaluation; with ``method``, a HAS CONCEPT MOD "Measurement Method" child
+    (the modifier TID 300 gives a NUM item, here on the CODE item) saying how it was made."""
     import highdicom as hd
 
-    return hd.sr.QualitativeEvaluation(name=name, value=value)
+    q = hd.sr.QualitativeEvaluation(name=name, value=value)
+    if method is not None:
+        modifier = hd.sr.CodeContentItem(name=Code("370129005", "SCT", "Measurement Method"), value=method,
+                                         relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)
+        q[0].ContentSequence = hd.sr.ContentSequence([modifier])
+    return q
 
 
 def _family_items(report: Report, s: dict, algorithm) -> tuple[list, list]:
-    """(measurements, qualitative evaluations) of one section, as its family's report declares."""
+    """(measurements, qualitative evaluations) of one section, as its family's report declares.
+
+    A section calibrated with a site profile (it has ``uncalibrated``) gives each item that
+    calibration changed twice, with the same concept: its served (calibrated) value, with
+    Measurement Method "Site-calibrated model output", and the value before calibration, with
+    Measurement Method "Model output before site calibration".
+    """
     m, q = [], []
-    for item in report.items:
-        if getattr(item, "when", "") and not at(s, item.when, None):
-            continue
-        if isinstance(item, Num):
-            value = at(s, item.field, None) if item.optional else at(s, item.field)
-            if not (item.optional and value is None):
-                m.append(_m(code(item.concept), value, code(item.unit), algorithm))
-        elif isinstance(item, Coded):
-            q.append(_q(code(item.concept), code(item.values[at(s, item.field)])))
-        elif isinstance(item, NumEach):
-            coder = import_object(item.coder)
-            for name, value in (at(s, item.field, None) or {}).items():
-                m.append(_m(code(coder(name)), value, code(item.unit), algorithm))
+    before = s.get(UNCALIBRATED)
+    views = [(s, None)]
+    if isinstance(before, dict) and before:
+        views = [(s, set(before)), ({**s, **before}, set(before))]
+    for index, (view, changed) in enumerate(views):
+        for item in report.items:
+            if getattr(item, "when", "") and not at(view, item.when, None):
+                continue
+            touched = changed is not None and item.field.split(".")[0] in changed
+            if index and not touched:
+                continue  # the uncalibrated pass gives only what calibration changed
+            method = (CODES["uncalibrated"] if index else CODES["site_calibrated"]) if touched else None
+            if isinstance(item, Num):
+                value = at(view, item.field, None) if item.optional else at(view, item.field)
+                if not (item.optional and value is None):
+                    m.append(_m(code(item.concept), value, code(item.unit), algorithm, method))
+            elif isinstance(item, Coded):
+                q.append(_q(code(item.concept), code(item.values[at(view, item.field)]), method))
+            elif isinstance(item, NumEach):
+                coder = import_object(item.coder)
+                for name, value in (at(view, item.field, None) or {}).items():
+                    m.append(_m(code(coder(name)), value, code(item.unit), algorithm, method))
     q.append(_q(CODES["research_use"], CODES["yes"]))
     q.append(_q(CODES["demo_weights"], CODES["yes"] if is_demo(s) else CODES["no"]))
     return m, q
+
+
+def _priority_items(priority) -> list:
+    """The worklist priority (``cxrserve.core.priority``) as CODE items of the Qualitative
+    Evaluations container: "Worklist priority" = Urgent / Routine / Priority not assessed, each
+    reason a CODE child "Worklist priority reason" (INFERRED FROM: the level follows from it), and
+    a TEXT item naming the rules (``store default`` or ``site <name>``)."""
+    import highdicom as hd
+
+    if not isinstance(priority, dict) or priority.get("level") not in PRIORITY_LEVELS:
+        return []
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    level = hd.sr.CodeContentItem(name=CODES["priority"], value=PRIORITY_LEVELS[priority["level"]],
+                                  relationship_type=contains)
+    reasons = [hd.sr.CodeContentItem(name=CODES["priority_reason"],
+                                     value=Code(str(r["code"])[:16], str(r["scheme"])[:16], str(r["meaning"])[:64]),
+                                     relationship_type=hd.sr.RelationshipTypeValues.INFERRED_FROM)
+               for r in priority.get("reasons") or []]
+    if reasons:
+        level.ContentSequence = hd.sr.ContentSequence(reasons)
+    items = [level]
+    if priority.get("rules"):
+        items.append(hd.sr.TextContentItem(name=CODES["priority_rules"], value=str(priority["rules"])[:1024],
+                                           relationship_type=contains))
+    return items
 
 
 def build_sr(source: Dataset, response: dict) -> Dataset:
@@ -115,7 +172,7 @@ def build_sr(source: Dataset, response: dict) -> Dataset:
                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     container = hd.sr.ContainerContentItem(name=CODES["qualitative_container"],
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    container.ContentSequence = hd.sr.ContentSequence([text])
+    container.ContentSequence = hd.sr.ContentSequence([text, *_priority_items(response.get("priority"))])
     root.ContentSequence.append(container)
     sr = hd.sr.ComprehensiveSR(
         evidence=[source], content=report[0], series_instance_uid=result_uid(sop, version, "sr", "series"),
