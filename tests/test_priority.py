@@ -93,3 +93,17 @@ def test_the_store_default_rules_parse_and_name_real_sections():
     # every reason code is in docs/DICOM.md's code table
     table = (Path(__file__).resolve().parents[1] / "docs" / "DICOM.md").read_text()
     assert all(f"| {r.code} | {r.meaning} |" in table for r in rules)
+
+
+def test_batch_rows_carry_the_priority():
+    from cxrserve import families
+    from cxrserve.tools.batch.rows import PRIORITY_COLUMNS, headline_columns, headline_values
+
+    composed = families.composed_model()
+    assert headline_columns(composed)[-2:] == list(PRIORITY_COLUMNS)
+    assert not set(PRIORITY_COLUMNS) & set(headline_columns(families.composed(composed)[0]))  # plain model
+    answer = {"model": composed, "results": results(label="covid19"),
+              "priority": assess(results(label="covid19"), RULES)}
+    row = headline_values(answer)
+    assert row["priority"] == "urgent" and row["priority_reasons"] == "CXR0120 COVID-19 suspected"
+    assert headline_values({"model": composed, "results": {}})["priority"] == ""

@@ -1,6 +1,8 @@
 """What one output row of ``cxrserve batch`` holds: the core columns, the answer without its
 pictures, and for a composed model each section's status and headline numbers
-(``<key>_status``, ``<key>_<headline path>``, from ``Served.headline`` in the registry).
+(``<key>_status``, ``<key>_<headline path>``, from ``Served.headline`` in the registry), then
+its worklist priority (``priority``: urgent / routine / not assessed, ``priority_reasons``:
+``<code> <meaning>`` of each reason, ``; ``-separated; see :mod:`cxrserve.core.priority`).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from cxrserve.tools.batch.inputs import BatchInput
 
 CORE_COLUMNS = ("input_id", "file", "format", "status", "error", "message", "model", "model_version",
                 "gate_verdict", "gate_score", "seconds", "result")
+#: A composed model's worklist priority, after its sections' columns.
+PRIORITY_COLUMNS = ("priority", "priority_reasons")
 
 
 
@@ -50,7 +54,7 @@ def headline_columns(model: str) -> list[str]:
     for key, headline in section_headlines(model).items():
         columns.append(f"{key}_status")
         columns.extend(f"{key}_{path.replace('.', '_')}" for path in headline)
-    return columns
+    return columns + list(PRIORITY_COLUMNS) if columns else columns
 
 
 def _lookup(section: dict, path: str):
@@ -75,4 +79,14 @@ def headline_values(result: dict) -> dict:
         for path in headline:
             row[f"{key}_{path.replace('.', '_')}"] = "" if section is None or "error" in section \
                 else _lookup(section, path)
+    row.update(priority_values(result))
     return row
+
+
+def priority_values(result: dict) -> dict:
+    """The :data:`PRIORITY_COLUMNS` of one composed answer (``""`` when it has no priority)."""
+    priority = result.get("priority")
+    if not isinstance(priority, dict):
+        return dict.fromkeys(PRIORITY_COLUMNS, "")
+    reasons = "; ".join(f"{r.get('code', '')} {r.get('meaning', '')}".strip() for r in priority.get("reasons") or [])
+    return {"priority": priority.get("level", ""), "priority_reasons": reasons}
