@@ -19,6 +19,25 @@ With ``metrics_mode=prometheus`` and ``model_metrics_auto_detect=true``
                                         float
 ===========================  =========  ==========================================
 
+The drift monitor's gauges (:mod:`cxrserve.core.monitor`, :func:`monitor_metrics`), under the
+same names on TorchServe's and the KServe-native server's ``/metrics``:
+
+=====================================  =====  ===============================================
+``cxrserve_drift_score``               gauge  latest window's standardised drift score by
+                                              ``site``, ``model``, ``signal`` (``combined``:
+                                              the largest; ``header.<field>``, ``image.<stat>``,
+                                              ``embedding``, ``output.<status|label|gate>``,
+                                              ``score.<output>``)
+``cxrserve_drift_threshold``           gauge  the combined score's alert threshold
+``cxrserve_drift_alert``               gauge  1 while ``combined`` > threshold, by ``site``, ``model``
+``cxrserve_monitor_studies``           gauge  studies seen by ``site``, ``model``
+``cxrserve_performance_estimate``      gauge  label-free expected ``metric`` (sensitivity,
+                                              specificity, prevalence) by ``site``, ``model``,
+                                              ``label``
+``cxrserve_monitor_dropped``           gauge  records dropped (full queue), per process
+``cxrserve_monitor_errors``            gauge  exceptions the monitor swallowed, per process
+=====================================  =====  ===============================================
+
 :func:`batch_metrics` is pure (results in, metric records out) so it is tested
 without TorchServe; :func:`emit` writes the records to a TorchServe metrics cache.
 """
@@ -36,7 +55,7 @@ NOT_SCORES = {"seconds"}
 @dataclass(frozen=True)
 class MetricRecord:
     name: str
-    kind: str  # "counter" | "histogram" | "time"
+    kind: str  # "counter" | "histogram" | "time" | "gauge"
     value: float
     dims: tuple[tuple[str, str], ...] = ()
 
@@ -86,6 +105,32 @@ def batch_metrics(results: list, timings: dict[str, float], score_maps: tuple[st
     return out
 
 
+def monitor_metrics(monitors) -> list[MetricRecord]:
+    """Gauge records of drift monitors (:class:`cxrserve.core.monitor.Monitor`), latest window each."""
+    out: list[MetricRecord] = []
+    dropped = errors = 0
+    for monitor in monitors:
+        dropped += monitor.dropped
+        errors += monitor.errors
+        for s in monitor.snapshot():
+            sm = (("site", s["site"]), ("model", s["model"]))
+            out.append(MetricRecord("cxrserve_monitor_studies", "gauge", float(s["seen"]), sm))
+            if s["threshold"] is not None:
+                out.append(MetricRecord("cxrserve_drift_threshold", "gauge", float(s["threshold"]), sm))
+                out.append(MetricRecord("cxrserve_drift_alert", "gauge", 1.0 if s["alert"] else 0.0, sm))
+            for signal, value in s["scores"].items():
+                out.append(MetricRecord("cxrserve_drift_score", "gauge", float(value), sm + (("signal", signal),)))
+            for label, est in s["estimate"].items():
+                for metric, value in est.items():
+                    if value == value:  # not NaN
+                        out.append(MetricRecord("cxrserve_performance_estimate", "gauge", float(value),
+                                                sm + (("label", label), ("metric", metric))))
+    if monitors:
+        out.append(MetricRecord("cxrserve_monitor_dropped", "gauge", float(dropped)))
+        out.append(MetricRecord("cxrserve_monitor_errors", "gauge", float(errors)))
+    return out
+
+
 def emit(metrics, records: list[MetricRecord]) -> None:
     """Write ``records`` to a TorchServe metrics cache (``context.metrics``)."""
     from ts.metrics.dimension import Dimension
@@ -97,5 +142,7 @@ def emit(metrics, records: list[MetricRecord]) -> None:
             metrics.add_time(rec.name, rec.value, None, "ms", dims)
         elif rec.kind == "counter":
             metrics.add_counter(rec.name, rec.value, None, dims)
+        elif rec.kind == "gauge":
+            metrics.add_metric(rec.name, rec.value, "value", None, dims, MetricTypes.GAUGE)
         else:
             metrics.add_metric(rec.name, rec.value, "value", None, dims, MetricTypes.HISTOGRAM)

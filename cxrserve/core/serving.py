@@ -110,6 +110,7 @@ class CXRHandler(BaseHandler):
         teach_envelope()
         cls = self.pipeline_class or pipeline_class_of(model_dir)
         self.pipeline = cls(model_dir, device=device, config=config)
+        self._attach_monitor(config)
         self.context = context
         self.initialized = True
         log.info("%s ready on %s (backend %s, version %s)", self.pipeline.name, device,
@@ -142,8 +143,24 @@ class CXRHandler(BaseHandler):
                 parsed.append(err)
         return self.pipeline.make_items(parsed)
 
+    def _attach_monitor(self, config: dict) -> None:
+        """The drift monitor (:mod:`cxrserve.core.monitor`) as a pipeline observer; a pipeline
+        without ``observers`` gets it called from :meth:`inference` instead."""
+        from cxrserve.core import monitor
+
+        self.monitor = None
+        try:
+            attached = monitor.attach(self.pipeline, config)
+            if attached is not None and getattr(self.pipeline, "observers", None) is None:
+                self.monitor = attached
+        except Exception:
+            log.warning("drift monitor not attached", exc_info=True)
+
     def inference(self, items: list[Item | CXRInputError], *args, **kwargs) -> list[dict | CXRInputError]:
-        return self.pipeline.predict(items)
+        results = self.pipeline.predict(items)
+        if self.monitor is not None:  # a pipeline without observers: the monitor swallows its own errors
+            self.monitor(self.pipeline, items, results)
+        return results
 
     def postprocess(self, results: list[dict | CXRInputError]) -> list[dict]:
         responses = []
@@ -159,8 +176,9 @@ class CXRHandler(BaseHandler):
         return responses
 
     def _emit_metrics(self, results) -> None:
-        """Stage timings, requests by status, gate rejections, score histograms (servemetrics)."""
-        from cxrserve.core.servemetrics import batch_metrics, emit
+        """Stage timings, requests by status, gate rejections, score histograms, drift gauges (servemetrics)."""
+        from cxrserve.core.monitor import MONITORS
+        from cxrserve.core.servemetrics import batch_metrics, emit, monitor_metrics
 
         metrics = getattr(self.context, "metrics", None)
         timings = self.pipeline.timer.reset()
@@ -170,6 +188,10 @@ class CXRHandler(BaseHandler):
             emit(metrics, batch_metrics(results, timings, self.pipeline.score_maps))
         except Exception:  # metrics must never fail a request that was answered
             log.exception("could not emit metrics")
+        try:
+            emit(metrics, monitor_metrics(MONITORS))
+        except Exception:
+            log.exception("could not emit drift metrics")
 
     def describe_handle(self) -> dict:
         return self.pipeline.describe()

@@ -2,7 +2,9 @@
 
 The same records TorchServe's handler emits (:func:`cxrserve.core.servemetrics.batch_metrics`:
 stage timings, requests by status, gate rejections, score histograms), plus the size of
-each ``pipeline.predict`` call. One :class:`Metrics` per process: ``cxrserve kserve``
+each ``pipeline.predict`` call, and the drift monitor's gauges
+(:func:`cxrserve.core.servemetrics.monitor_metrics`: ``cxrserve_drift_score{site,model,signal}``,
+``cxrserve_drift_alert{site,model}``, ...), refreshed after every batch. One :class:`Metrics` per process: ``cxrserve kserve``
 makes it and hands it to every model.
 """
 from __future__ import annotations
@@ -27,6 +29,28 @@ class Metrics:
         self._made: dict[tuple, Any] = {}
         self.batch_size = Histogram("cxrserve_batch_size", "requests per pipeline.predict call", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
+
+    def _gauge(self, record):
+        from prometheus_client import Gauge
+
+        key = (record.name, tuple(k for k, _ in record.dims))
+        metric = self._made.get(key)
+        if metric is None:
+            metric = Gauge(record.name, f"{record.name} (see cxrserve.core.servemetrics)", list(key[1]),
+                           registry=self.registry)
+            self._made[key] = metric
+        return metric.labels(*(v for _, v in record.dims)) if record.dims else metric
+
+    def observe_monitors(self) -> None:
+        """Refresh the drift gauges from every monitor of this process (:data:`cxrserve.core.monitor.MONITORS`)."""
+        from cxrserve.core.monitor import MONITORS
+        from cxrserve.core.servemetrics import monitor_metrics
+
+        try:
+            for record in monitor_metrics(MONITORS):
+                self._gauge(record).set(record.value)
+        except Exception:  # metrics never fail an answered request
+            log.exception("could not record drift metrics")
 
     def _metric(self, record, model: str):
         from prometheus_client import Counter, Histogram
@@ -72,3 +96,4 @@ class Metrics:
                     child.observe(record.value)
         except Exception:  # metrics never fail an answered request
             log.exception("could not record metrics")
+        self.observe_monitors()

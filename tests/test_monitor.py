@@ -1,0 +1,168 @@
+"""The drift monitor (cxrserve.core.monitor): statistics, reference and threshold, the observer's
+safety (never raises, bounded), state files without identifiers, and the exported gauges."""
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from cxrserve.core import monitor as M
+from cxrserve.core.errors import MalformedInput, NotFrontalCXR
+from cxrserve.core.imageio import decode
+from cxrserve.core.item import Item
+from cxrserve.core.servemetrics import monitor_metrics
+
+
+def fake_records(n, rng, *, shift=0.0, model="m", version="1", site="default", fmt="png"):
+    out = []
+    for _ in range(n):
+        p = float(np.clip(rng.beta(2, 5) + shift, 0, 1))
+        emb = rng.normal(shift * 3, 1, M.EMBED_SIDE ** 2)
+        out.append(M.Record(site=site, model=model, version=version, status="200",
+                            header={"format": fmt, "modality": "-", "photometric": "L", "view": "-",
+                                    "bits": "8", "size": "<=512"},
+                            stats=[0.5 + shift + rng.normal(0, .05), 0.2 + rng.normal(0, .02), 0.05, 0.95, 0.8],
+                            embedding=emb.tolist(), gate=0.9,
+                            scores={"probabilities.a": p, "probabilities.b": 1 - p},
+                            label="a" if p > .5 else "b", probs={"a": p, "b": 1 - p}))
+    return out
+
+
+def test_statistics_hand_values():
+    assert M.psi({"a": 10}, {"a": 10}) == pytest.approx(0.0)
+    assert M.psi({"a": 10, "b": 10}, {"a": 20}) > 0.5
+    ref = np.sort(np.arange(100.0))
+    assert M.ks(ref, np.arange(100.0)) == pytest.approx(0.0, abs=0.011)
+    assert M.ks(ref, np.arange(200.0, 300.0)) == pytest.approx(1.0)
+    x = np.random.default_rng(0).normal(size=(50, 3))
+    k_rr = float(np.exp(-0.5 * ((x[:, None] - x[None]) ** 2).sum(-1)).mean())
+    assert M.mmd2(x, x, 0.5, k_rr) == pytest.approx(0.0, abs=1e-9)
+    assert M.mmd2(x, x + 5, 0.5, k_rr) == pytest.approx(2 * k_rr, rel=0.01)
+
+
+def test_reference_threshold_alerts_on_shift_not_on_same_distribution(tmp_path):
+    rng = np.random.default_rng(1)
+    ref = M.fit_reference(fake_records(300, rng), window=50, target_rate=1e-3, resamples=400)
+    assert math.isfinite(ref.threshold) and ref.threshold > 0
+    same = sum(ref.scores(fake_records(50, rng))["combined"] > ref.threshold for _ in range(40))
+    assert same <= 2
+    shifted = ref.scores(fake_records(50, rng, shift=0.3))
+    assert shifted["combined"] > ref.threshold
+    assert {"embedding", "image.mean", "score.probabilities.a", "output.label", "header.format"} <= set(shifted)
+    # a format change alone is caught by the header mix
+    fmt = ref.scores(fake_records(50, rng, fmt="dicom"))
+    assert fmt["header.format"] > ref.threshold
+    back = M.Reference.load(ref.save(tmp_path / "r.json"))
+    assert back.scores(fake_records(50, np.random.default_rng(5)))["combined"] == pytest.approx(
+        ref.scores(fake_records(50, np.random.default_rng(5)))["combined"])
+
+
+def test_label_free_estimate_matches_expectation():
+    rng = np.random.default_rng(2)
+    recs = fake_records(2000, rng)
+    est = M.estimate(recs, ["a", "b"])
+    # simulate labels from the (calibrated) probabilities: realised sensitivity near the estimate
+    truth = np.asarray([rng.random() < r.probs["a"] for r in recs])
+    pred = np.asarray([r.label == "a" for r in recs])
+    realised = (truth & pred).sum() / truth.sum()
+    assert est["a"]["sensitivity"] == pytest.approx(realised, abs=0.05)
+
+
+class FakePipeline:
+    name = "cxr-fake"
+    version = "9"
+    score_maps = ("probabilities",)
+    model_dir = None
+
+    def __init__(self):
+        self.observers = []
+
+
+def phantom_item(seed: int, site=None):
+    img = np.random.default_rng(seed).integers(0, 255, (300, 240), dtype=np.uint8)
+    item = Item(xray=decode(cv2.imencode(".png", img)[1].tobytes()))
+    item.gate = {"verdict": "frontal_cxr", "score": 0.8, "threshold": 0.5, "enforced": False}
+    if site is not None:
+        item.site = site
+    return item
+
+
+def test_observer_records_windows_without_identifiers(tmp_path):
+    mon = M.Monitor(tmp_path / "state", window=10, step=5, sync=True)
+    pipe = FakePipeline()
+    assert M.attach(pipe, {"monitor_dir": str(tmp_path / "other")}) is not None and pipe.observers
+    rng = np.random.default_rng(3)
+    ref = M.fit_reference(fake_records(100, rng, model="cxr-fake", version="9"), window=10, resamples=200)
+    ref.save(tmp_path / "state" / "default" / "cxr-fake" / "reference.json")
+    for i in range(4):
+        items = [phantom_item(10 * i + j) for j in range(5)]
+        results = [{"model": "cxr-fake", "probabilities": {"a": 0.3, "b": 0.7}} for _ in items]
+        results[0] = NotFrontalCXR("gate", detail={"input_gate": {"verdict": "other", "score": 0.1}})
+        items.append(MalformedInput("bad"))
+        results.append(MalformedInput("bad"))
+        mon(pipe, items, results)
+    (snap,) = mon.snapshot()
+    assert snap["site"] == "default" and snap["seen"] == 24 and snap["threshold"] is not None
+    assert "combined" in snap["scores"] and "output.status" in snap["scores"]
+    assert snap["estimate"]["b"]["sensitivity"] > 0
+    files = list((tmp_path / "state").rglob("*.jsonl"))
+    assert {f.name for f in files} == {"windows.jsonl", "predictions.jsonl"}
+    preds = M.read_log(next(f for f in files if f.name == "predictions.jsonl"))
+    assert len(preds) == 20 and all(len(p["key"]) == 24 for p in preds)  # keyed hashes, not identifiers
+    assert (tmp_path / "state" / "secret").stat().st_mode & 0o077 == 0
+    recs = monitor_metrics([mon])
+    names = {(r.name, tuple(k for k, _ in r.dims)) for r in recs}
+    assert ("cxrserve_drift_score", ("site", "model", "signal")) in names
+    assert ("cxrserve_drift_alert", ("site", "model")) in names
+
+
+def test_observer_never_raises_and_bounds_its_queue():
+    mon = M.Monitor(None, window=5, queue_size=2)
+    mon.consume = lambda records: (_ for _ in ()).throw(RuntimeError("boom"))  # every window fails
+    pipe = FakePipeline()
+    mon(pipe, [object()], [{"probabilities": "not a map"}])  # odd inputs: recorded or counted, never raised
+    mon(pipe, None, None)
+    assert mon.errors >= 1
+    blocked = M.Monitor(None, window=5, queue_size=2)
+    blocked._ensure_thread = lambda: None  # nobody drains the queue
+    for i in range(5):
+        blocked(pipe, [phantom_item(i)], [{"probabilities": {"a": .5}}])
+    assert blocked.queue.qsize() == 2 and blocked.dropped == 3
+
+
+def test_sites_are_separate_streams():
+    class Site:
+        def __init__(self, name):
+            self.name, self.path = name, None
+
+    mon = M.Monitor(None, window=5, sync=True)
+    pipe = FakePipeline()
+    mon(pipe, [phantom_item(1, Site("stmary")), phantom_item(2)], [{"probabilities": {"a": .5}}] * 2)
+    assert {s["site"] for s in mon.snapshot()} == {"stmary", "default"}
+
+
+def test_kserve_metrics_export_drift_gauges():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cxrserve.tools.kserve.metrics import Metrics
+
+    mon = M.Monitor(None, window=10, step=5, sync=True)
+    rng = np.random.default_rng(4)
+    ref = M.fit_reference(fake_records(100, rng, model="cxr-fake", version="9"), window=10, resamples=200)
+    mon.references[("default", "cxr-fake")] = None
+    mon.streams[("default", "cxr-fake", "9")] = M.Stream("default", "cxr-fake", "9", __import__("collections").deque(maxlen=10), ref)
+    mon.consume(fake_records(10, rng, model="cxr-fake", version="9", shift=0.5))
+    M.MONITORS.append(mon)
+    try:
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        metrics.observe("cxr-fake", [{"probabilities": {"a": .5}}], {})
+        text = generate_latest(registry).decode()
+    finally:
+        M.MONITORS.remove(mon)
+    assert 'cxrserve_drift_alert{model="cxr-fake",site="default"} 1.0' in text
+    assert 'cxrserve_drift_score{model="cxr-fake",signal="combined",site="default"}' in text
+    assert "cxrserve_performance_estimate" in text
