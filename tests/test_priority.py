@@ -107,3 +107,14 @@ def test_batch_rows_carry_the_priority():
     row = headline_values(answer)
     assert row["priority"] == "urgent" and row["priority_reasons"] == "CXR0120 COVID-19 suspected"
     assert headline_values({"model": composed, "results": {}})["priority"] == ""
+
+
+def test_the_site_file_takes_priority_rules():
+    from cxrserve.tools.site.config import SiteConfigError, site_from_dict
+
+    base = {"name": "stmary", "labels": {"pos": "covid19", "neg": "not:covid19"}}
+    assert site_from_dict(base).priority is None  # the store's defaults
+    block = {"rules": [{"field": "triage.label", "equals": "covid19", "code": "CXR0120", "meaning": "COVID"}]}
+    assert site_from_dict({**base, "priority": block}).priority == block
+    with pytest.raises(SiteConfigError, match="no condition"):
+        site_from_dict({**base, "priority": {"rules": [{"field": "a.b", "code": "C", "meaning": "m"}]}})

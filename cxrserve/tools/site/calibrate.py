@@ -276,6 +276,8 @@ def calibrate(table: ScoreTable, site: SiteFile, *, unlabelled: dict | None = No
                          "answer_labels": f.answer_labels} for n, f in families.items()},
         "gate": gate,
         "head_adaptation": {"adopted": False, "reason": HEAD_ADAPTATION},
+        # the site file's worklist priority rules, as written (absent: the store's defaults)
+        **({"priority": site.priority} if site.priority is not None else {}),
         "data": {"films": table.n, "patients": int(np.unique(table.groups).size), "frontal_films": int(table.frontal.sum()),
                  "answered": int(table.answered.sum()), "label_counts": table.label_counts},
         "cv": {"folds_requested": folds, "seed": seed, "bootstrap": {"replicates": n_boot, "by": "patient"},

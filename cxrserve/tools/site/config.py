@@ -11,7 +11,14 @@ targets: {triage.covid19.sensitivity: 0.90, triage.covid19.specificity: 0.80, ga
 target_rule: estimate                           # or lower_bound: a target is met by the 95 % interval's bound
 ae_titles: [STMARY_CR1]                         # for the DICOM node
 gate_max_refusal: 0.02                          # site calibrate: the gate may refuse at most this share of frontal films
+priority:                                       # optional: worklist priority rules (else the store's defaults)
+  rules:
+    - {field: triage.label, equals: covid19, code: CXR0120, meaning: COVID-19 suspected at the operating point}
 ```
+
+``priority`` is checked here (:func:`cxrserve.core.priority.parse_rules`) and copied as written
+into ``profile.json``; a request naming the site is prioritised by it instead of the store's
+defaults (``cxrserve/families/study/cxr-study.model-config.yaml``).
 
 A term is ``ignore``, ``<label>`` or ``<family>.<label>`` (a positive) or ``not:<...>`` (a negative
 for that label only, one-vs-rest: a PCR-negative film is not COVID-19 but may be either normal or
@@ -28,6 +35,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from cxrserve.core.priority import PriorityRuleError, parse_rules
 from cxrserve.tools.site.models import outputs, resolve_label
 
 #: Metrics a target may name, and whether larger is better.
@@ -80,6 +88,8 @@ class SiteFile:
     target_rule: str = "estimate"
     ae_titles: tuple[str, ...] = ()
     gate_max_refusal: float = 0.02
+    #: worklist priority rules as written (``{"rules": [...]}``), or None: the store's defaults
+    priority: Mapping[str, Any] | None = None
     path: Path | None = None
 
     @property
@@ -145,7 +155,8 @@ def site_from_dict(data: Any, path: Path | None = None) -> SiteFile:
     where = str(path or "site file")
     if not isinstance(data, Mapping):
         raise SiteConfigError(f"{where}: a site file is a YAML mapping (name, labels, targets, ...)")
-    known = {"name", "labels", "label_column", "columns", "targets", "target_rule", "ae_titles", "gate_max_refusal"}
+    known = {"name", "labels", "label_column", "columns", "targets", "target_rule", "ae_titles", "gate_max_refusal",
+             "priority"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise SiteConfigError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
@@ -177,9 +188,14 @@ def site_from_dict(data: Any, path: Path | None = None) -> SiteFile:
         raise SiteConfigError(f"{where}: gate_max_refusal must be a number") from None
     if not 0 <= gmax < 1:
         raise SiteConfigError(f"{where}: gate_max_refusal must lie in [0, 1)")
+    priority = data.get("priority")
+    try:
+        parse_rules(priority, f"{where}: priority")
+    except PriorityRuleError as err:
+        raise SiteConfigError(str(err)) from None
     site = SiteFile(name=name, labels=labels, label_column=str(data.get("label_column", "label")), columns=columns,
                     targets=targets, target_rule=rule, ae_titles=tuple(a.strip() for a in ae), gate_max_refusal=gmax,
-                    path=path)
+                    priority=dict(priority) if priority is not None else None, path=path)
     if not site.families:
         raise SiteConfigError(f"{where}: no word or target names a model label: nothing to audit")
     return site
