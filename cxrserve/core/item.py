@@ -8,6 +8,7 @@ fill them are the pipeline's (:mod:`cxrserve.core.pipeline`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from cxrserve.core.errors import CXRInputError, MalformedInput
 from cxrserve.core.imageio import XRay
@@ -38,6 +39,8 @@ class Item:
     #: findings computed once and reused by every pipeline scoring this study in one
     #: process (``cxr-study``), e.g. ``{"lungs": (component, LungFinding)}``
     shared: dict = field(default_factory=dict)
+    #: the site profile the request named (or the store's default), None for the archive's own rule
+    site: Any = None
 
     def refuse(self, name: str, err: CXRInputError) -> None:
         """Set extra image ``name`` aside with its error (the first error of an image stays)."""

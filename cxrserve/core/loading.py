@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cxrserve.core.runtime import pick_device
+from cxrserve.core.sites import SITES_FOLDER
 
 if TYPE_CHECKING:
     from cxrserve.core.pipeline import Pipeline
@@ -41,20 +42,32 @@ def pipeline_class_of(model_dir: str | Path) -> type[Pipeline]:
         return import_object(json.load(fh)["pipeline_class"])
 
 
-def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict | None = None) -> Pipeline:
-    """Load the pipeline of an unpacked archive or a ``.mar`` (``pipeline.json`` names its class)."""
+def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict | None = None,
+                  sites: str | Path | bool | None = None) -> Pipeline:
+    """Load the pipeline of an unpacked archive or a ``.mar`` (``pipeline.json`` names its class).
+
+    ``sites``: the folder of site profiles it serves with (:mod:`cxrserve.core.sites`); ``None``
+    (default) is the ``sites/`` of the store the archive sits in, if it has one, else
+    ``$CXRSERVE_SITES``; ``False`` serves without site profiles (what site calibration scores).
+    """
     from cxrserve.core.family import import_object
     from cxrserve.core.files import unpack_archive
 
     model_dir = Path(model_dir)
+    store_sites = model_dir.resolve().parent / SITES_FOLDER
     unpacked = None
     if model_dir.suffix == ".mar":
         import tempfile
 
         model_dir = unpacked = unpack_archive(model_dir, tempfile.mkdtemp(prefix=f"cxrserve-{model_dir.stem}-"))
     spec = json.loads((model_dir / PIPELINE_SPEC).read_text())
-    if config is None:
-        config = spec.get("handler", {})
+    config = dict(spec.get("handler", {}) if config is None else config)
+    if sites is False:
+        config["sites_dir"] = ""
+    elif sites:
+        config["sites_dir"] = str(sites)
+    elif "sites_dir" not in config and store_sites.is_dir():
+        config["sites_dir"] = str(store_sites)
     cls = import_object(spec["pipeline_class"])
     pipeline = cls(model_dir, device=pick_device(0, device), config=config)
     if unpacked is not None:

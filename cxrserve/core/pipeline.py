@@ -45,6 +45,8 @@ from cxrserve.core.options import Option, parse_bool
 from cxrserve.core.imageio import MAX_BYTES, MAX_PIXELS, XRay, check_frontal_chest_header, decode
 from cxrserve.core.item import MAIN_IMAGE, Decoded, Item, request_image
 from cxrserve.core.runtime import Runtime, load_runtime
+from cxrserve.core.site_profile import ArchiveBinding, component_digest, folder_digests
+from cxrserve.core.sites import SITE_OPTION, SiteBook, SiteOutput, SiteProfileRefused, apply_to_answer, sites_folder
 from cxrserve.core.stagetimer import StageTimer
 from cxrserve.core.transforms import build_transform
 from cxrserve.core.input_checks import check_input
@@ -63,6 +65,8 @@ DECODE_FLOOR = 1024
 FULL_RESOLUTION = "full_resolution"
 FULL_RESOLUTION_HELP = ("decode every pixel of the file (slower); by default only the resolution the "
                         "models read is decoded and pictures are drawn on that copy, then scaled")
+SITE_HELP = ("the hospital site whose calibration profile decides the answer (cxrserve site install); "
+             "default: the store's default site, else none (the archive's own rule)")
 
 
 def gate_verdict(labels, probs, threshold: float) -> str:
@@ -108,6 +112,8 @@ class Pipeline:
     #: response fields holding a ``{label: score}`` map: the serving metrics histogram each
     #: score (``core.servemetrics``); top-level floats are scores without being declared
     score_maps: ClassVar[tuple[str, ...]] = ()
+    #: where its answer keeps what a site profile recalibrates (None: a site changes nothing)
+    SITE_OUTPUT: ClassVar[SiteOutput | None] = None
 
     def __init__(self, model_dir: str | Path, *, device: torch.device | None = None,
                  config: dict | None = None, shared: dict | None = None):
@@ -128,7 +134,26 @@ class Pipeline:
         for name in self.components:
             self.parts[name] = self._load_component(name)
         self.gate = self._load_gate()
+        #: callables ``observer(pipeline, items, results)`` told of every scored batch (monitoring);
+        #: one that raises is logged and never fails the requests it watched
+        self.observers: list = []
         self.setup()
+        self.sites = self._load_sites()
+
+    def _load_sites(self) -> SiteBook:
+        """The store's site profiles, bound to this model's components (see :mod:`cxrserve.core.sites`)."""
+        folder = sites_folder(self.config)
+        if folder is None or not folder.is_dir():
+            return SiteBook.empty()
+        return SiteBook.load(folder, self.name, self.binding)
+
+    def binding(self) -> ArchiveBinding:
+        """What a site profile for this model is bound to: its name, version and a digest over the
+        cards and weights of the components it reads (the gate included: a profile sets its threshold)."""
+        folders = {name: part.path for name, part in self.parts.items()}
+        if self.gate is not None:
+            folders.setdefault(GATE_COMPONENT, self.gate.path)
+        return ArchiveBinding(model=self.name, version=self.version, content_sha256=component_digest(folder_digests(folders)))
 
     def _load_gate(self) -> Component | None:
         """The archive's input gate (a ``gate`` component folder), if it ships one.
@@ -237,11 +262,13 @@ class Pipeline:
             "backend": self.backend,
             "device": str(self.device),
             "options": {**{k: {"default": o.default, "help": o.help} for k, o in self.OPTIONS.items()},
-                        FULL_RESOLUTION: {"default": False, "help": FULL_RESOLUTION_HELP}},
+                        FULL_RESOLUTION: {"default": False, "help": FULL_RESOLUTION_HELP},
+                        SITE_OPTION: {"default": self.sites.default, "help": SITE_HELP}},
             "decode_size": self.decode_target or "full",
             "components": {k: p.card.to_dict() for k, p in self.parts.items()},
             "input_gate": ({"threshold": self.gate_threshold, "card": self.gate.card.to_dict()}
                            if self.gate is not None else None),
+            "sites": self.sites.describe(),
         }
 
     # ----------------------------------------------------------------- requests
@@ -296,7 +323,13 @@ class Pipeline:
         if refused is not None:  # a file that cannot be read is said before a bad option
             raise refused
         item.options = self.parse_options(raw_options)
+        item.site = self.resolve_site(raw_options)
         return item
+
+    def resolve_site(self, raw_options: dict):
+        """The site profile a request names (option ``site``), or the store's default, or None.
+        Raises 400 for a site the store does not have, 409 for a refused profile."""
+        return self.sites.resolve(raw_options.get(SITE_OPTION))
 
     def make_items(self, requests) -> list[Item | CXRInputError]:
         """A batch of ``(images, options)`` requests (errors pass through) -> items, one by one.
@@ -378,7 +411,16 @@ class Pipeline:
         if todo:
             for i, out in zip(todo, self.score([items[i] for i in todo])):  # type: ignore[misc]
                 results[i] = out
+        self.observe(items, results)
         return results
+
+    def observe(self, items: list, results: list) -> None:
+        """Tell every observer of a scored batch; an observer never fails or changes an answer."""
+        for observer in self.observers:
+            try:
+                observer(self, items, results)
+            except Exception:
+                log.exception("observer %r failed (the answers stand)", observer)
 
     def run_gate(self, items: list[Item | CXRInputError]) -> list[Item | CXRInputError]:
         """Stage 3: score every image of ``items`` with the input gate in one pass.
@@ -405,8 +447,9 @@ class Pipeline:
         for (n, item, name, _), output in zip(keys, outputs):
             probs = [float(p) for p in output[0]]
             score = probs[labels.index(FRONTAL)]
-            verdict = gate_verdict(labels, probs, threshold)
-            report = {"verdict": verdict, "score": round(score, 4), "threshold": threshold, "enforced": enforced}
+            cut = self.site_gate_threshold(item, threshold)
+            verdict = gate_verdict(labels, probs, cut)
+            report = {"verdict": verdict, "score": round(score, 4), "threshold": cut, "enforced": enforced}
             if name == MAIN_IMAGE:
                 item.gate = report
             if enforced and verdict != FRONTAL:
@@ -414,7 +457,7 @@ class Pipeline:
                 reason = ("looks photometrically inverted (bone dark, lungs bright): check the "
                           "PhotometricInterpretation (MONOCHROME1/2) of the source"
                           if verdict == "inverted_cxr" else "does not look like a frontal chest radiograph")
-                err = NotFrontalCXR(f"input gate: {what} {reason} (score {score:.3f} < threshold {threshold:g})",
+                err = NotFrontalCXR(f"input gate: {what} {reason} (score {score:.3f} < threshold {cut:g})",
                                     detail={"input_gate": report, "field": name})
                 if name == MAIN_IMAGE:
                     out[n] = err
@@ -422,12 +465,34 @@ class Pipeline:
                     item.refuse(name, err)
         return out
 
+    @staticmethod
+    def site_gate_threshold(item: Item, served: float) -> float:
+        """The gate threshold for ``item``: its site's (``cxrserve site calibrate`` sets one that
+        refuses at most 2 % of the site's frontal films), else the served one."""
+        site = getattr(item, "site", None)
+        gate = site.gate if site is not None else None
+        return float(gate["threshold"]) if gate and gate.get("threshold") is not None else served
+
     def score(self, items: list[Item]) -> list[dict | CXRInputError]:
-        """Stage 4: this model's answers for screened, gated items, one per item (``_predict``)."""
+        """Stage 4: this model's answers for screened, gated items, one per item (``_predict``),
+        then each item's site profile applied (:meth:`apply_site`)."""
         outputs = self._predict(items)
         if len(outputs) != len(items):
             raise RuntimeError(f"{type(self).__name__}._predict returned {len(outputs)} results for {len(items)} items")
-        return outputs
+        return [self.apply_site(item, out) for item, out in zip(items, outputs)]
+
+    def apply_site(self, item: Item, answer: dict | CXRInputError) -> dict | CXRInputError:
+        """``answer`` under the item's site profile (unchanged without one, see :mod:`cxrserve.core.sites`).
+
+        A profile refused for this model (made for other weights) fails this answer with its 409,
+        which in ``cxr-study`` fails only this model's section.
+        """
+        profile = item.site
+        if profile is None or not isinstance(answer, dict):
+            return answer
+        if profile.name in self.sites.refused:
+            return SiteProfileRefused(self.sites.refused[profile.name])
+        return apply_to_answer(answer, profile, self.name, self.SITE_OUTPUT)
 
     def _predict(self, items: list[Item]) -> list[dict | CXRInputError]:
         """The model itself: a subclass's one method to write (``base_response`` + its fields)."""

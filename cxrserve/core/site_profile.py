@@ -38,6 +38,8 @@ PROFILE_FORMAT = "cxrserve-site-profile/1"
 KINDS = ("multiclass", "binary", "multilabel")
 #: Files of an archive whose bytes decide what it answers (weights, cards, handler settings).
 _CONTENT_NAMES = ("metadata.json", "model.pt", "model.onnx")
+#: The input gate's component folder: shipped in every archive, not part of a model's version.
+GATE = "gate"
 _EPS = 1e-7
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
@@ -57,7 +59,7 @@ class ArchiveBinding:
 
     model: str
     version: str
-    content_sha256: str  # over weights, cards and pipeline.json: the same from a .mar or its unpacked folder
+    content_sha256: str  # over its components' cards and weights (component_digest)
     sha256: str | None = None  # of the .mar file itself, when the profile was fitted from one
 
 
@@ -202,54 +204,79 @@ def _sha256_stream(fh, h=None):
 
 def _content_entry(rel: str) -> bool:
     parts = rel.split("/")
-    return rel == "pipeline.json" or (len(parts) == 2 and parts[1] in _CONTENT_NAMES)
+    return len(parts) == 2 and parts[1] in _CONTENT_NAMES
+
+
+def component_digest(digests: Mapping[str, str]) -> str:
+    """One digest over ``{"<component>/<file>": sha256}`` (cards and weights of the components a
+    model reads): the same from a ``.mar``, its unpacked folder, or the same components packed
+    into ``cxr-study``, so one profile serves a model alone and in a study."""
+    h = hashlib.sha256()
+    for rel in sorted(digests):
+        h.update(f"{rel}\0{digests[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def folder_digests(folders: Mapping[str, Path]) -> dict[str, str]:
+    """``{"<component>/<file>": sha256}`` of each component folder's card and weights."""
+    out = {}
+    for name, folder in folders.items():
+        for fname in _CONTENT_NAMES:
+            f = Path(folder) / fname
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    out[f"{name}/{fname}"] = _sha256_stream(fh).hexdigest()
+    return out
+
+
+def cards_version(cards: Mapping[str, Mapping]) -> str:
+    """A model's version as a pipeline states it: its components' card versions (the shared input
+    gate left out), sorted and joined with ``+``."""
+    versions = sorted({str(c.get("version", "")) for name, c in cards.items() if name != GATE})
+    return "+".join(versions) if versions else "unknown"
 
 
 def archive_info(path: str | Path) -> ArchiveBinding:
     """Name, version and digests of an archive (``.mar``) or of its unpacked folder.
 
-    ``version`` is ``MAR-INF/MANIFEST.json``'s ``modelVersion`` (``pipeline.json``'s when there
-    is no manifest); ``content_sha256`` hashes each component's card and weights and
-    ``pipeline.json`` (path and sha256 of each, sorted), so a TorchServe worker, which sees only
-    the unpacked folder, computes the same digest as the tool that read the ``.mar``.
+    ``version`` is what the served pipeline states (:func:`cards_version`); ``content_sha256``
+    is :func:`component_digest` over every component folder of the archive, which is what a
+    worker computes for that model (``Pipeline.binding``); ``sha256`` hashes the ``.mar`` file.
     """
     path = Path(path)
     digests: dict[str, str] = {}
-    manifest = spec = None
+    cards: dict[str, dict] = {}
+    spec = None
     mar_sha = None
     if path.is_file():
         with open(path, "rb") as fh:
             mar_sha = _sha256_stream(fh).hexdigest()
         with zipfile.ZipFile(path) as zf:
             for rel in zf.namelist():
-                if rel == "MAR-INF/MANIFEST.json":
-                    manifest = json.loads(zf.read(rel))
+                if rel == "pipeline.json":
+                    spec = json.loads(zf.read(rel))
                 elif _content_entry(rel):
                     with zf.open(rel) as fh:
                         digests[rel] = _sha256_stream(fh).hexdigest()
-                    if rel == "pipeline.json":
-                        spec = json.loads(zf.read(rel))
+                    if rel.endswith("/metadata.json"):
+                        cards[rel.split("/")[0]] = json.loads(zf.read(rel))
     elif path.is_dir():
-        for f in sorted(path.rglob("*")):
+        for f in sorted(path.glob("*/*")):
             rel = f.relative_to(path).as_posix()
             if f.is_file() and _content_entry(rel):
                 with open(f, "rb") as fh:
                     digests[rel] = _sha256_stream(fh).hexdigest()
-        if (path / "MAR-INF" / "MANIFEST.json").is_file():
-            manifest = json.loads((path / "MAR-INF" / "MANIFEST.json").read_text())
+                if rel.endswith("/metadata.json"):
+                    cards[rel.split("/")[0]] = json.loads(f.read_text())
         if (path / "pipeline.json").is_file():
             spec = json.loads((path / "pipeline.json").read_text())
     else:
         raise ProfileError(f"no archive at {path}")
     if spec is None:
         raise ProfileError(f"{path}: no pipeline.json, not a cxrserve archive")
-    model = (manifest or {}).get("model", {})
-    name = str(model.get("modelName") or spec.get("name") or path.stem)
-    version = str(model.get("modelVersion") or spec.get("version") or "")
-    h = hashlib.sha256()
-    for rel in sorted(digests):
-        h.update(f"{rel}\0{digests[rel]}\n".encode())
-    return ArchiveBinding(model=name, version=version, content_sha256=h.hexdigest(), sha256=mar_sha)
+    name = str(spec.get("name") or path.stem)
+    return ArchiveBinding(model=name, version=cards_version(cards), content_sha256=component_digest(digests),
+                          sha256=mar_sha)
 
 
 def check_binding(profile: SiteProfile, archive: ArchiveBinding) -> None:

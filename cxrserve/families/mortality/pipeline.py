@@ -24,6 +24,7 @@ from cxrserve.core.card import ModelCard
 from cxrserve.core.overlays import heatmap_png
 from cxrserve.core.item import Item
 from cxrserve.core.pipeline import Pipeline
+from cxrserve.core.sites import SiteOutput
 from cxrserve.core.options import Option, parse_bool
 
 RISK_LABELS = ("low", "high")
@@ -56,6 +57,8 @@ def research_statement(card: ModelCard) -> str:
 class MortalityPipeline(Pipeline):
     name = "cxr-mortality"
     components = ("mortality",)
+    #: a site's Platt scaling, prior and threshold decide the risk and its call (cxrserve.core.sites)
+    SITE_OUTPUT = SiteOutput("binary", scores="risk", answer="risk_label", threshold="threshold")
     OPTIONS = {
         "overlay": Option(parse_bool, False, "return the Grad-CAM of the predicted class over the image (PNG)", picture=True),
     }

@@ -214,7 +214,8 @@ class StudyPipeline(Pipeline):
                 except CXRInputError as err:
                     family_options[key] = err
         return StudyItem(xray=decoded.xray, options=options, images=decoded.images, refused=decoded.refused,
-                         family_options=family_options, decode_ms=round(decoded.seconds * 1000, 2))
+                         family_options=family_options, decode_ms=round(decoded.seconds * 1000, 2),
+                         site=self.resolve_site(raw_options))
 
     def make_items(self, requests: Iterable[tuple[dict, dict] | CXRInputError]) -> list[Item | CXRInputError]:
         """Decode a batch of requests ``(images, options)`` in parallel threads (errors pass through)."""
@@ -248,11 +249,14 @@ class StudyPipeline(Pipeline):
         for i in todo:
             item = items[i]
             out = self.base_response(item)
+            if item.site is not None:  # each calibrated section names its operating point too
+                out["site"] = item.site.name
             out["results"] = {key: sections[i][key] for key in self.keys if key in sections[i]}
             timings = {"decode": item.decode_ms, "gate": round(gate_ms, 2)}
             timings.update({key: round(ms, 2) for key, ms in family_ms.items() if key in out["results"]})
             out["timings_ms"] = timings
             results[i] = out
+        self.observe(items, results)
         return results
 
     def _run_family(self, key: str, batch: list[tuple[int, StudyItem]], sections: dict[int, dict]) -> float:

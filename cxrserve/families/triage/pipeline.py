@@ -17,6 +17,7 @@ from cxrserve.core.options import Option, parse_bool
 from cxrserve.core.overlays import fit_picture, heatmap_png, overlay, png_base64
 from cxrserve.core.item import Item
 from cxrserve.core.pipeline import Pipeline
+from cxrserve.core.sites import SiteOutput
 from cxrserve.core.runtime import Runtime
 from cxrserve.core.transforms import build_transform
 
@@ -111,6 +112,8 @@ class TriagePipeline(Pipeline):
     name = "cxr-triage"
     score_maps = ("probabilities",)
     components = ("lungseg", "triage_classifier")
+    #: a site's temperature, priors and operating points decide the label (cxrserve.core.sites)
+    SITE_OUTPUT = SiteOutput("multiclass", scores="probabilities", answer="label")
     OPTIONS = {
         "heatmap": Option(parse_bool, False, "return a Grad-CAM heatmap PNG over the original image",
                           picture=True),

@@ -36,6 +36,7 @@ import torch
 
 from cxrserve.core.item import Item
 from cxrserve.core.pipeline import Pipeline
+from cxrserve.core.sites import SiteOutput
 from cxrserve.core.options import Option
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,8 @@ class ZeroShotPipeline(Pipeline):
     name = "cxr-zeroshot"
     score_maps = ("probabilities",)
     components = (COMPONENT,)
+    #: a site's per-finding Platt scaling (cxrserve.core.sites); findings stay independent scores
+    SITE_OUTPUT = SiteOutput("multilabel", scores="probabilities")
     OPTIONS = {
         "labels": Option(parse_labels, None,
                          "findings to score (JSON list or comma-separated); default: the 14 CheXpert findings"),

@@ -176,7 +176,7 @@ def _score_paths(paths, site: SiteFile, store, *, progress: bool, device: str) -
         mar = Path(store) / f"{output.model}.mar"
         if not mar.is_file():
             raise SiteConfigError(f"{mar}: the store has no {output.model} archive (needed for {family})")
-        pipeline = load_pipeline(mar, device=device)
+        pipeline = load_pipeline(mar, device=device, sites=False)  # what the archive itself answers
         served_enforced, served_threshold = pipeline.gate_enforced, pipeline.gate_threshold
         if pipeline.gate is not None and not gate_info:
             gate_info = {"threshold": served_threshold, "enforced": served_enforced,
