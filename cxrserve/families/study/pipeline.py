@@ -45,6 +45,7 @@ from cxrserve.core.errors import CXRInputError, MalformedInput
 from cxrserve.core.options import Option, parse_bool
 from cxrserve.core.item import Item, request_image
 from cxrserve.core.pipeline import GATE_COMPONENT, Pipeline
+from cxrserve.core.priority import STORE_DEFAULT, PriorityRuleError, Rule, assess, parse_rules, site_source
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ STUDY = "cxr-study"
 SERVED_PREFIX = "cxr-"
 #: Handler settings that belong to the study as a whole (one decode, one gate), never to a family.
 STUDY_SETTINGS = ("max_bytes", "max_pixels", "gate_threshold", "gate_enforce", "decode_threads")
+#: The study's worklist priority rules (``handler.priority``): the study's, never a family's.
+PRIORITY = "priority"
 
 
 def family_key(served_name: str) -> str:
@@ -122,7 +125,7 @@ class StudyPipeline(Pipeline):
         if self.gate is not None:
             shared[GATE_COMPONENT] = self.gate  # every family reports the verdict of this one gate
         family_configs = self.config.get("families") or {}
-        common = {k: v for k, v in self.config.items() if k != "families"}
+        common = {k: v for k, v in self.config.items() if k not in ("families", PRIORITY)}
         study_only = {k: v for k, v in self.config.items() if k in STUDY_SETTINGS}
         self.families: dict[str, Pipeline] = {}
         self.unavailable: dict[str, str] = {}
@@ -144,6 +147,9 @@ class StudyPipeline(Pipeline):
             for name, part in fam.parts.items():
                 self.parts.setdefault(name, part)
         self.decode_threads = int(self.config.get("decode_threads", 0) or min(8, os.cpu_count() or 1))
+        # worklist priority: the archive's default rules; a site profile's own replace them
+        self.priority_rules = parse_rules(self.config.get(PRIORITY), f"handler.{PRIORITY}")
+        self._site_rules: dict[str, tuple[Rule, ...]] = {}
 
     @classmethod
     def archive_config(cls, model_config: dict, family_configs: dict[str, dict]) -> dict:
@@ -252,12 +258,28 @@ class StudyPipeline(Pipeline):
             if item.site is not None:  # each calibrated section names its operating point too
                 out["site"] = item.site.name
             out["results"] = {key: sections[i][key] for key in self.keys if key in sections[i]}
+            out[PRIORITY] = self.priority(item, out["results"])
             timings = {"decode": item.decode_ms, "gate": round(gate_ms, 2)}
             timings.update({key: round(ms, 2) for key, ms in family_ms.items() if key in out["results"]})
             out["timings_ms"] = timings
             results[i] = out
         self.observe(items, results)
         return results
+
+    def priority(self, item: StudyItem, results: dict) -> dict:
+        """The study's worklist priority (:mod:`cxrserve.core.priority`): by the request's site
+        profile's ``priority`` block when it has one, else by the archive's default rules."""
+        site = item.site
+        block = (getattr(site, "raw", None) or {}).get(PRIORITY) if site is not None else None
+        if block is None:
+            return assess(results, self.priority_rules, STORE_DEFAULT)
+        if site.name not in self._site_rules:
+            try:
+                self._site_rules[site.name] = parse_rules(block, f"site {site.name}: {PRIORITY}")
+            except PriorityRuleError as err:  # checked by `site calibrate`: a hand-edited profile
+                log.error("study: %s; its studies are not assessed", err)
+                self._site_rules[site.name] = ()
+        return assess(results, self._site_rules[site.name], site_source(site.name))
 
     def _run_family(self, key: str, batch: list[tuple[int, StudyItem]], sections: dict[int, dict]) -> float:
         """Score one family once on its share of the batch, each section as its endpoint answers; its wall ms."""
