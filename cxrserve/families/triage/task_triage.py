@@ -85,11 +85,14 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
           seed: int = 0, patience: int = 6, resume: bool = False, device: str = "auto", demo: bool = False,
           version: str = "0.1.0", include_paediatric: bool = False, crop_source: str = "predicted",
           max_val: int | None = None, augment: bool = True, dropout: float = 0.2,
-          init: str | None = None, progress: bool = True, deadline: float | None = None) -> Path:
+          init: str | None = None, progress: bool = True, deadline: float | None = None,
+          lung_findings: dict[Path, LungFinding] | None = None) -> Path:
     """Train the classifier on lung crops cut by the segmentation checkpoint ``segmentation``.
 
     ``crop_source="truth"`` cuts training crops from ground-truth masks where a record
     has one (same box rules); the demo recipe uses it to skip segmenting every phantom.
+    ``lung_findings`` (image path -> finding, cut by the same ``segmentation`` checkpoint) are used
+    instead of segmenting those films again: leave-one-site-out folds cut every film once.
     """
     run = Run.start(out_dir, device=device, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch,
                     batch_size=batch_size, lr=lr, patience=patience, resume=resume, progress=progress,
@@ -107,6 +110,9 @@ def train(records: Sequence[Record], segmentation: str | Path, out_dir: str | Pa
             if r.mask_path is not None:
                 mask = cache.mask(r).astype(np.float32)
                 findings[r.path] = analyse_lungs(mask, (mask.shape[1], mask.shape[0]), seg_card.thresholds)
+    for r in usable:
+        if r.path not in findings and lung_findings and r.path in lung_findings:
+            findings[r.path] = lung_findings[r.path]
     todo = [r for r in usable if r.path not in findings]
     log.info("cutting lung crops for %d images with %s", len(todo), seg_card.name)
     findings.update(zip(
