@@ -124,8 +124,13 @@ def test_sr_numbers_equal_the_response(made):
     assert codes[c["demo_weights"].value] == c["yes"].value
     assert codes[c["research_use"].value] == c["yes"].value
     ds = pydicom.dcmread(paths["sr"])
-    texts = [it.TextValue for it in ds.ContentSequence[-1].ContentSequence]
-    assert texts == [dr_codes.RESEARCH_NOTICE]
+    texts = [it.TextValue for it in ds.ContentSequence[-1].ContentSequence if it.ValueType == "TEXT"]
+    assert texts[0] == dr_codes.RESEARCH_NOTICE
+    # the worklist priority: a CODE item of the same container, and the rules it came from
+    (level,) = [it for it in ds.ContentSequence[-1].ContentSequence if it.ValueType == "CODE"]
+    assert level.ConceptNameCodeSequence[0].CodeValue == c["priority"].value
+    assert level.ConceptCodeSequence[0].CodeValue == dr_codes.PRIORITY_LEVELS[response["priority"]["level"]].value
+    assert texts[1:] == [response["priority"]["rules"]]
     assert "RESEARCH USE ONLY" in ds.SeriesDescription
     assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
 
