@@ -102,9 +102,14 @@ def served(model_store, tmp_path_factory):
     from cxrserve.tools import server
     from tsutil import start_torchserve
 
+    from site_fixture import write_sites
+
     workdir = tmp_path_factory.mktemp("torchserve")
+    # Its workers serve two test site profiles (tests/test_site_serving.py); without a default
+    # site every other request is answered as without sites.
+    sites = write_sites(tmp_path_factory.mktemp("sites"), model_store)
     try:
-        info = start_torchserve(model_store, workdir)
+        info = start_torchserve(model_store, workdir, extra_env={"CXRSERVE_SITES": str(sites)})
     except Exception:
         server.stop(workdir)
         raise

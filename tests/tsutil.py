@@ -62,11 +62,12 @@ def write_config(workdir: Path, store: Path, **overrides) -> tuple[Path, dict]:
     return path, ports
 
 
-def start_torchserve(store: Path, workdir: Path, timeout: float = 600, **overrides) -> Served:
+def start_torchserve(store: Path, workdir: Path, timeout: float = 600, extra_env: dict | None = None,
+                     **overrides) -> Served:
     """Start TorchServe on ``store`` from ``workdir``; caller must ``server.stop(workdir)``."""
     workdir.mkdir(parents=True, exist_ok=True)
     config, ports = write_config(workdir, store, **overrides)
-    info = server.start(config, store, workdir, timeout=timeout)
+    info = server.start(config, store, workdir, timeout=timeout, extra_env=extra_env)
     return Served(
         inference=f"http://127.0.0.1:{ports['inference']}",
         management=f"http://127.0.0.1:{ports['management']}",

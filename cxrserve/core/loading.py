@@ -54,7 +54,7 @@ def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict |
     from cxrserve.core.files import unpack_archive
 
     model_dir = Path(model_dir)
-    store_sites = model_dir.resolve().parent / SITES_FOLDER
+    store_sites = model_dir.absolute().parent / SITES_FOLDER  # the store it was named in (links not followed)
     unpacked = None
     if model_dir.suffix == ".mar":
         import tempfile

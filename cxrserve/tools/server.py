@@ -26,6 +26,7 @@ from pathlib import Path
 
 import requests
 
+from cxrserve.core.sites import SITES_ENV, SITES_FOLDER
 from cxrserve.tools import forkserver
 
 DEFAULT_INFERENCE = "http://127.0.0.1:8080"
@@ -106,6 +107,8 @@ def start(config: str | Path = "config.properties", store: str | Path = "model_s
     management = props.get("management_address", DEFAULT_MANAGEMENT)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(_tmpdir(workdir)), **(extra_env or {})}
+    # Workers read the store's site profiles (cxrserve site install) once, when they start.
+    env.setdefault(SITES_ENV, str(store / SITES_FOLDER))
     cmd = [_torchserve(), "--start", "--ncs", "--model-store", str(store), "--ts-config", str(config)]
     python = _start_forkserver(workdir, env)
     if python:

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 STUDY = "cxr-study"
 SERVED_PREFIX = "cxr-"
 #: Handler settings that belong to the study as a whole (one decode, one gate), never to a family.
-STUDY_SETTINGS = ("max_bytes", "max_pixels", "gate_threshold", "gate_enforce", "decode_threads")
+STUDY_SETTINGS = ("max_bytes", "max_pixels", "gate_threshold", "gate_enforce", "decode_threads", "sites_dir")
 #: The study's worklist priority rules (``handler.priority``): the study's, never a family's.
 PRIORITY = "priority"
 

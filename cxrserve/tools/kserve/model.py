@@ -107,7 +107,7 @@ def load_models(specs: list[ModelSpec], metrics: Metrics, *, max_batch: int | No
     models = []
     for spec in specs:
         start = time.perf_counter()
-        pipeline = load_pipeline(spec.folder, device=spec.device)
+        pipeline = load_pipeline(spec.folder, device=spec.device, sites=spec.sites or None)
         models.append(CXRModel(spec, pipeline, metrics, max_batch=max_batch, max_delay_ms=max_delay_ms))
         log.info("%s ready on %s (backend %s, version %s) in %.1f s", spec.name, pipeline.device, pipeline.backend,
                  pipeline.version, time.perf_counter() - start)

@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxrserve.core.sites import SITES_FOLDER
+
 DEFAULT_MAX_BATCH = 8
 DEFAULT_DELAY_MS = 5.0
 DEFAULT_CONFIG = "model-config.yaml"
@@ -29,6 +31,8 @@ class ModelSpec:
     max_batch: int = DEFAULT_MAX_BATCH
     max_delay_ms: float = DEFAULT_DELAY_MS
     device: str = "auto"
+    #: the store's site profiles (``<store>/sites``; cxrserve.core.sites), None without any
+    sites: Path | None = None
 
 
 def config_name(manifest: dict) -> str:
@@ -111,5 +115,6 @@ def discover(store: str | Path, models: list[str] | None = None, unpack_dir: str
             max_batch=max(1, int(config.get("batchSize", DEFAULT_MAX_BATCH))),
             max_delay_ms=float(config.get("maxBatchDelay", DEFAULT_DELAY_MS)),
             device=device or {"cpu": "cpu", "gpu": "cuda"}.get(device_type, "auto"),
+            sites=(store / SITES_FOLDER) if (store / SITES_FOLDER).is_dir() else None,
         ))
     return specs

@@ -1,4 +1,4 @@
-"""``cxrserve site audit`` and ``cxrserve site calibrate``.
+"""``cxrserve site audit``, ``calibrate``, ``install`` and ``list``.
 
 Exit status: 0 every target met (audit) / profile written (calibrate), 3 a target not met,
 2 usage or configuration error (site file, data folder, store), 1 anything else.
@@ -63,6 +63,33 @@ def cmd_calibrate(args) -> int:
     return EXIT_OK
 
 
+def cmd_install(args) -> int:
+    from cxrserve.tools.site.install import install
+
+    target = install(args.profile, args.store, default=args.default)
+    print(f"installed {target}{' (the store default)' if args.default else ''}; "
+          "restart the servers that serve this store (cxrserve serve / make serve, cxrserve kserve, the node) "
+          "to load it")
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    import json
+
+    from cxrserve.tools.site.install import listing
+
+    rows = listing(args.store)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no site profiles in {args.store}/sites (cxrserve site install DIR --store {args.store})")
+    for r in rows:
+        extra = f"models {', '.join(r.get('models') or [])}" if r["state"] == "ok" else r["why"]
+        print(f"{r['site']}{' (default)' if r.get('default') else ''}: {r['state']}: {extra}")
+    return EXIT_OK if all(r["state"] == "ok" for r in rows) else EXIT_TARGET
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("site", help="a hospital's acceptance test (audit) and calibration profile")
     sub = p.add_subparsers(dest="site_command", required=True)
@@ -85,6 +112,15 @@ def register_cli(subparsers) -> None:
     c.add_argument("--folds", type=int, default=5, help="patient-grouped cross-validation folds")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=lambda args: _run(cmd_calibrate, args))
+    i = sub.add_parser("install", help="check a profile against the store's archives and install it under STORE/sites/")
+    i.add_argument("profile", help="folder written by cxrserve site calibrate (or its profile.json)")
+    i.add_argument("--store", default="model_store", help="model store the servers serve")
+    i.add_argument("--default", action="store_true", help="also make it the site of requests that name none")
+    i.set_defaults(func=lambda args: _run(cmd_install, args))
+    ls = sub.add_parser("list", help="installed sites and whether the store's archives accept them (exit 3 if not)")
+    ls.add_argument("--store", default="model_store")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=lambda args: _run(cmd_list, args))
 
 
 def main(argv=None) -> int:

@@ -58,14 +58,17 @@ class Backend:
         return {"models": listed + extra, "inputs": list(self.inputs.values()), "max_bytes": self.config.max_bytes,
                 "management": "ok" if served is not None else "unavailable"}
 
-    def predict(self, model: str, image: bytes, extra: dict | None = None) -> tuple[int, dict]:
+    def predict(self, model: str, image: bytes, extra: dict | None = None, site: str | None = None) -> tuple[int, dict]:
         """``(HTTP status, body)`` for one model; never raises for the server's answers.
 
         ``extra``: the form's extra inputs by name (bytes of a second image, or a list of
         strings for a list option); a model gets those it takes (a model the registry does
-        not know gets them all)."""
+        not know gets them all). ``site``: the form's site (else ``cxrserve ui --site``), sent as
+        the option ``site`` (an unknown one is serving's 400, shown on the cards)."""
         view = self.views.get(model)
         options = dict(view.options) if view else {}
+        if site or self.config.site:
+            options["site"] = site or self.config.site
         images = {}
         for name, value in (extra or {}).items():
             if view is not None and name not in view.inputs:

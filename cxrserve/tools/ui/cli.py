@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--key-file", help="TorchServe's key_file.json (default: $CXRSERVE_KEY_FILE, ./, .torchserve/)")
     p.add_argument("--max-mb", type=float, default=MAX_BYTES / 2**20, help="largest upload per image, MiB")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.add_argument("--site", help="site whose installed calibration profile answers when the form names none "
+                                  "(cxrserve site install); default: the store's default site, if any")
     p.add_argument("--secret-file",
                    help="fixed secret for tests/automation, from a file only you can read (chmod 600); "
                         "default: a new random secret at each start")
@@ -57,7 +59,7 @@ def cmd_ui(args) -> int:
     except (OSError, ValueError) as err:
         log.error("--secret-file: %s", err)
         return 2
-    config = UIConfig(inference=args.inference, management=args.management,
+    config = UIConfig(site=args.site or None, inference=args.inference, management=args.management,
                       key_file=Path(args.key_file) if args.key_file else None, host=args.host, port=args.port,
                       max_bytes=int(args.max_mb * 2**20), secret=secret, conn_timeout=args.conn_timeout,
                       max_connections=args.max_connections)

@@ -24,6 +24,7 @@ class UIConfig:
     secret: str | None = None  # None: a new random one at each start
     conn_timeout: float = 30.0  # a request (line, headers, body) must arrive within this
     max_connections: int = 32  # a browser opens ~6; beyond this, 503
+    site: str | None = None  # the site whose calibration profile answers when the form names none
 
 
 def read_secret_file(path: Path) -> str:

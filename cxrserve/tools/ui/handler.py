@@ -43,6 +43,7 @@ STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javasc
                 "style.css": "text/css; charset=utf-8"}
 UI_HEADER = "X-CXR-UI"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                                 "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
@@ -289,6 +290,9 @@ class UIRequestHandler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ValueError("expected a JSON object")
             image = _b64(body.get("image"), "image")
+            site = body.get("site") or None
+            if site is not None and not (isinstance(site, str) and SITE_NAME.match(site)):
+                raise ValueError("'site' must be a site name: lower-case letters, digits, '-' or '_'")
             extra = {}
             for name, spec in self.server.backend.inputs.items():  # the declared extra inputs
                 value = body.get(name)
@@ -304,5 +308,5 @@ class UIRequestHandler(BaseHTTPRequestHandler):
             return self._error(400, "malformed_request", str(err))
         if not image:
             return self._error(400, "malformed_request", "no image in the request")
-        status, payload = self.server.backend.predict(model, image, extra)
+        status, payload = self.server.backend.predict(model, image, extra, site=site)
         self._json(status, payload)

@@ -65,6 +65,8 @@ function common(result) {
   const facts = [["model version", result.model_version]];
   if (result.input) facts.push(["input", `${result.input.format} ${result.input.width}x${result.input.height}${result.input.view ? " " + result.input.view : ""}`]);
   if (result.input_gate) facts.push(["input gate", `${result.input_gate.verdict} (${fmt(result.input_gate.score)})`]);
+  if (result.site) facts.push(["site", result.operating_point ? `${result.site} · ${result.operating_point}` : result.site]);
+  if (result.uncalibrated) facts.push(["as served", show(result.uncalibrated)]);
   nodes.push(kv(facts));
   if (result.warnings && result.warnings.length) {
     nodes.push(el("ul", { class: "warnings" }, ...result.warnings.map((w) => el("li", { text: w }))));
@@ -267,6 +269,8 @@ async function analyse(event) {
   button.disabled = true;
   message.textContent = "Scoring…";
   const payload = { ...lists };
+  const site = document.getElementById("site").value.trim();
+  if (site) payload.site = site;
   for (const [name, file] of Object.entries(files)) payload[name] = await readBase64(file);
   const body = JSON.stringify(payload);
   const families = state.models.filter((m) => !m.composes);
