@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STORE := model_store
 RUN := .torchserve
 
-.PHONY: install store real-store serve stop probe kserve test browser dicomtools node bench
+.PHONY: install store real-store serve stop probe kserve test browser dicomtools prometheus node bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,12 +58,18 @@ dicomtools:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools >/dev/null) || \
 	  echo "orthanc/dcmtk/dicom3tools not installed: the DICOM node tests will be skipped"; }
 
+# The monitoring test scrapes TorchServe with Debian's Prometheus and fires the drift alert.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || \
+	  echo "prometheus not installed: the monitoring alert test will be skipped"; }
+
 # The DICOM node (README "DICOM node"): NODE_CONFIG=deploy/node/node.yaml by default.
 NODE_CONFIG ?= deploy/node/node.yaml
 node: install
 	$(PY) -m cxrserve node --config $(NODE_CONFIG)
 
-test: store browser dicomtools
+test: store browser dicomtools prometheus
 	$(PY) -m pytest
 
 # Benchmarks (docs/PERFORMANCE.md): prints a markdown table, writes benchmarks/results/.

@@ -166,3 +166,40 @@ def test_kserve_metrics_export_drift_gauges():
     assert 'cxrserve_drift_alert{model="cxr-fake",site="default"} 1.0' in text
     assert 'cxrserve_drift_score{model="cxr-fake",signal="combined",site="default"}' in text
     assert "cxrserve_performance_estimate" in text
+
+
+def test_feedback_and_report(tmp_path):
+    from cxrserve.tools.monitor.cli import main
+    from cxrserve.tools.monitor.feedback import feedback
+
+    state = tmp_path / "state"
+    rng = np.random.default_rng(6)
+    ref = M.fit_reference(fake_records(100, rng, model="cxr-fake", version="9"), window=10, resamples=200)
+    ref.save(state / "default" / "cxr-fake" / "reference.json")
+    mon = M.Monitor(state, window=10, step=5, sync=True)
+    pipe = FakePipeline()
+    truth = {}
+    for i in range(30):
+        item = phantom_item(100 + i)
+        p = float(rng.random())
+        mon(pipe, [item], [{"model": "cxr-fake", "probabilities": {"a": p, "b": 1 - p}}])
+        key = mon.streams[("default", "cxr-fake", "9")].window[-1].key
+        truth[key] = "a" if rng.random() < p else "b"
+    (tmp_path / "labels.csv").write_text("key,label\n" + "".join(f"{k},{v}\n" for k, v in truth.items()))
+    result = feedback(tmp_path / "labels.csv", state, window=10)
+    (blocks,) = result["blocks"].values()
+    assert len(blocks) == 3 and all(b["labelled"] == 10 for b in blocks)
+    sens, lo, hi = blocks[0]["labels"]["a"]["sensitivity"]
+    assert sens is None or lo <= sens <= hi
+    # the report: a page with embedded plots; exit code 1 only while an alert is active
+    rc = main(["monitor", "report", "--state", str(state), "--site", "default", "--out", str(tmp_path / "rep")])
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Realised performance" in page
+    last = M.read_log(next(state.rglob("windows.jsonl")))[-1]
+    assert rc == (1 if last["alert"] else 0)
+    # a file path in the labels works too (rasters matched by their pixels)
+    img = tmp_path / "x.png"
+    img.write_bytes(cv2.imencode(".png", np.random.default_rng(101).integers(0, 255, (300, 240), dtype=np.uint8))[1].tobytes())
+    from cxrserve.tools.monitor.scoring import file_key
+
+    assert file_key(img, M.monitor_secret(state)) in truth

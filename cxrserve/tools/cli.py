@@ -20,7 +20,7 @@ from cxrserve import __version__
 #: own (``Family.cli``, read from the registry).
 TOOL_PLUGINS = ("cxrserve.tools.client.cli", "cxrserve.tools.batch.cli", "cxrserve.tools.ui",
                 "cxrserve.tools.bench.cli", "cxrserve.tools.kserve.cli", "cxrserve.tools.node",
-                "cxrserve.tools.site", "cxrserve.tools.loso.cli",
+                "cxrserve.tools.site", "cxrserve.tools.loso.cli", "cxrserve.tools.monitor",
                 "cxrserve.packaging.real_store")
 
 
