@@ -266,6 +266,7 @@ async function analyse(event) {
     }
   }
   showPreview(imageFile);
+  showPriority(null);
   button.disabled = true;
   message.textContent = "Scoring…";
   const payload = { ...lists };
@@ -300,6 +301,16 @@ async function analyse(event) {
   document.body.dataset.analysed = "true";
 }
 
+// The study's worklist priority (urgent / routine / not assessed), its reasons and whose rules.
+function showPriority(priority) {
+  const box = document.getElementById("priority");
+  if (!priority || !priority.level) { box.hidden = true; box.textContent = ""; return; }
+  const reasons = (priority.reasons || []).map((r) => r.meaning).join("; ");
+  box.dataset.level = priority.level.replace(/ /g, "-");
+  box.textContent = `Worklist priority: ${priority.level}${reasons ? ` (${reasons})` : ""}; rules: ${priority.rules}`;
+  box.hidden = false;
+}
+
 // One request to the composed model; each section goes to its family's card. False when the study
 // model is not served after all (the page then asks each model).
 async function analyseStudy(study, families, body) {
@@ -319,6 +330,7 @@ async function analyseStudy(study, families, body) {
     answer = { error: "network", message: String(err) };
   }
   if (res && res.status === 404 && answer && answer.error === "not_served") return false;
+  showPriority(res && res.status === 200 ? answer.priority : null);
   document.body.dataset.requests = study;
   for (const model of families) {
     const card = document.getElementById(`card-${model.name}`);
