@@ -12,15 +12,17 @@ from pathlib import Path
 
 from cxrserve.tools.batch.dicom_out import write_dicom_results
 from cxrserve.tools.batch.inputs import BatchInput
+from cxrserve.tools.batch.messages_out import write_messages
 from cxrserve.tools.batch.rows import make_row
 
 
 class RemoteScorer:
     """Score one input over REST or gRPC (thread-safe)."""
 
-    def __init__(self, client, model: str, options: dict, attempts: int = 3, dicom_out: Path | None = None):
+    def __init__(self, client, model: str, options: dict, attempts: int = 3, dicom_out: Path | None = None,
+                 hl7_out: Path | None = None, fhir_out: Path | None = None):
         self.client, self.model, self.options, self.attempts = client, model, options, attempts
-        self.dicom_out = dicom_out
+        self.dicom_out, self.hl7_out, self.fhir_out = dicom_out, hl7_out, fhir_out
 
     def __call__(self, item: BatchInput) -> dict:
         from cxrserve.tools.client import AuthenticationError, CXRServeError, InputRejected
@@ -35,6 +37,7 @@ class RemoteScorer:
             try:
                 result = self.client.predict(self.model, data, options=self.options)
                 write_dicom_results(item, data, result, self.dicom_out)
+                write_messages(item, data, result, self.hl7_out, self.fhir_out)
                 return make_row(item, status=200, result=result, seconds=time.perf_counter() - start)
             except InputRejected as err:
                 return make_row(item, status=err.status, error=err.code, message=err.message,
@@ -53,8 +56,10 @@ class RemoteScorer:
 class InProcessScorer:
     """Score chunks of inputs with a pipeline loaded in this process (no server)."""
 
-    def __init__(self, pipeline, options: dict, dicom_out: Path | None = None):
+    def __init__(self, pipeline, options: dict, dicom_out: Path | None = None, hl7_out: Path | None = None,
+                 fhir_out: Path | None = None):
         self.pipeline, self.options, self.dicom_out = pipeline, options, dicom_out
+        self.hl7_out, self.fhir_out = hl7_out, fhir_out
         self.lock = threading.Lock()  # one forward pass at a time; threads overlap file reading
 
     def score_many(self, items: list[BatchInput]) -> list[dict]:
@@ -91,5 +96,6 @@ class InProcessScorer:
                     rows[i] = make_row(items[i], status=out.status, error=out.code, message=out.message, seconds=each)
                 else:
                     write_dicom_results(items[i], dict(read)[i], out, self.dicom_out)
+                    write_messages(items[i], dict(read)[i], out, self.hl7_out, self.fhir_out)
                     rows[i] = make_row(items[i], status=200, result=out, seconds=each)
         return [rows[i] for i in range(len(items))]
