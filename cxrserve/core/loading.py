@@ -70,6 +70,9 @@ def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict |
         config["sites_dir"] = str(store_sites)
     cls = import_object(spec["pipeline_class"])
     pipeline = cls(model_dir, device=pick_device(0, device), config=config)
+    from cxrserve.core.monitor import attach
+
+    attach(pipeline, config)  # the drift monitor watches every entry point (handler ``monitor: false`` turns it off)
     if unpacked is not None:
         import shutil
         import weakref

@@ -8,10 +8,13 @@ from cxrserve.core import monitor as M
 
 
 def load(store: str | Path, model: str, device: str = "cpu"):
-    """The served pipeline of ``<store>/<model>.mar``."""
+    """The served pipeline of ``<store>/<model>.mar``, without the process's monitor."""
     from cxrserve.core.loading import load_pipeline
 
-    return load_pipeline(Path(store) / f"{model}.mar", device=device)
+    pipeline = load_pipeline(Path(store) / f"{model}.mar", device=device)
+    # scored here to build references and streams: the process's own monitor stays out of it
+    pipeline.observers[:] = [o for o in pipeline.observers if not isinstance(o, M.Monitor)]
+    return pipeline
 
 
 def labelled(folder: str | Path) -> list[tuple[Path, str]]:
