@@ -175,7 +175,10 @@ def test_torchserve_applies_the_site_named_by_header_or_field(served, film):
     plain = served.post("cxr-triage", data=film, headers={"Content-Type": "image/png"})
     assert plain.status_code == 200 and "site" not in plain.json()
     by_header = served.post("cxr-triage", data=film, headers={"Content-Type": "image/png", "X-CXR-Site": SITE})
-    by_field = served.post("cxr-triage", files={"image": ("f.png", film, "image/png")}, data={"site": SITE})
+    import requests
+
+    by_field = requests.post(f"{served.inference}/predictions/cxr-triage", headers=served.headers(), timeout=120,
+                             files={"image": ("f.png", film, "image/png"), "site": (None, SITE)})
     for r in (by_header, by_field):
         assert r.status_code == 200, r.text
         body = r.json()
