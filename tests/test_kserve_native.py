@@ -77,11 +77,13 @@ def assert_same_numbers(got: dict, want: dict, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- the predictor
-def start_predictor(store: Path, tmp: Path, *extra: str, models: list[str] | None = None):
+def start_predictor(store: Path, tmp: Path, *extra: str, models: list[str] | None = None, sites: Path | None = None):
     """``python -m cxrserve kserve`` on free loopback ports; yields its addresses, stops it after."""
     http_port, grpc_port = free_port(), free_port()
     log_path = tmp / "predictor.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if sites is not None:
+        env["CXRSERVE_SITES"] = str(sites)
     cmd = [sys.executable, "-m", "cxrserve", "kserve", "--store", str(store), "--http-port", str(http_port),
            "--grpc-port", str(grpc_port), "--unpack-dir", str(tmp / "unpacked"), *extra]
     if models:
@@ -117,7 +119,10 @@ def start_predictor(store: Path, tmp: Path, *extra: str, models: list[str] | Non
 
 @pytest.fixture(scope="module")
 def predictor(model_store, module_tmp):
-    yield from start_predictor(model_store, module_tmp("kserve-native"))
+    from site_fixture import write_sites
+
+    tmp = module_tmp("kserve-native")
+    yield from start_predictor(model_store, tmp, sites=write_sites(tmp / "sites", model_store))
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +252,23 @@ def test_options_as_parameters_and_as_inputs(predictor, http, grpcc, pipeline):
     got = response_of(grpcc.infer("cxr-pxs", grpc_inputs(png, prior=prior)))
     assert_same_numbers(got, pipeline("cxr-pxs").predict_bytes(png, prior=prior), "cxr-pxs with prior")
     assert "change" in got
+
+
+def test_site_as_a_v2_parameter(predictor, http, grpcc, pipeline):
+    """The v2 request parameter (or input) ``site`` applies that site's profile, as TorchServe does."""
+    from site_fixture import SITE, STALE
+
+    png = phantom_png(6)
+    served = pipeline("cxr-triage").predict_bytes(png)
+    for body in (response_of(http.infer("cxr-triage", http_inputs(png, True), parameters={"site": SITE})),
+                 response_of(grpcc.infer("cxr-triage", grpc_inputs(png), parameters={"site": SITE})),
+                 response_of(http.infer("cxr-triage", http_inputs(png, False, site=SITE)))):
+        assert body["site"] == SITE and body["uncalibrated"]["probabilities"] == served["probabilities"]
+    for name, status in (("nowhere", 400), (STALE, 409)):
+        r = requests.post(f"{predictor['url']}/v2/models/cxr-triage/infer", timeout=60,
+                          json={"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                            "data": [base64.b64encode(png).decode()]}], "parameters": {"site": name}})
+        assert r.status_code == status, r.text
 
 
 # --------------------------------------------------------------------------- errors
