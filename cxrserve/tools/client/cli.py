@@ -94,6 +94,8 @@ def cmd_predict(args) -> int:
 
     model = args.model or families.default_served()
     options = dict(_parse_option(o) for o in (args.option or []))
+    if args.site:
+        options["site"] = args.site
     for flag in families.flags():  # the pictures (and other flags) the families declare
         if getattr(args, flag, False):
             options[flag] = True
@@ -177,6 +179,7 @@ def register_cli(subparsers) -> None:
     for flag, help_text in families.flags().items():  # declared by each family (its pictures, its flags)
         p.add_argument(f"--{flag}", action="store_true", help=help_text)
     p.add_argument("--option", action="append", help="any model option, NAME=VALUE (repeatable)")
+    p.add_argument("--site", help="the site whose installed calibration profile answers (cxrserve site install)")
     p.add_argument("--json", action="store_true", help="print the responses as JSON (machines)")
     p.add_argument("--out", default="cxrserve-predictions", help="folder for summary.json and PNGs")
     add_connection_args(p)
