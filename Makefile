@@ -26,7 +26,12 @@ store: install
 DATA ?= ../shared/data
 REAL_STORE ?= model_store_real
 BUDGET ?=
+# LOSO=1 first runs the leave-one-site-out folds (LOSO_BUDGET seconds of training per fold) into
+# build-real/loso; the card fragment then carries their tables (docs/MODEL_CARD.md, Leave-one-site-out).
+LOSO ?=
+LOSO_BUDGET ?= 300
 real-store: install
+	$(if $(LOSO),$(PY) -m cxrserve loso $(DATA) --out build-real/loso --budget $(LOSO_BUDGET) --quiet &&) \
 	$(PY) -m cxrserve store build --recipe training/real.yaml --data $(DATA) --store $(REAL_STORE) \
 	  --work build-real $(if $(BUDGET),--budget $(BUDGET))
 

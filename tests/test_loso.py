@@ -146,3 +146,12 @@ def test_real_sites_are_folds():
     assert "gb_covid_segmentations" not in sites and "kermany_pediatric_subset" in fam_loso.skipped_sites(records)
     train, held = fam_loso.fold(records, "ieee8023_jun2020")
     assert not any(r.source == "gb_covid_segmentations" for r in train)
+
+
+def test_real_card_carries_loso_tables(tmp_path):
+    from cxrserve.packaging.real_card import loso_section
+
+    assert loso_section(tmp_path) == ""
+    (tmp_path / "loso").mkdir()
+    (tmp_path / "loso" / "loso.md").write_text("| held-out site | x |\n")
+    assert "Leave-one-site-out" in loso_section(tmp_path) and "| held-out site | x |" in loso_section(tmp_path)

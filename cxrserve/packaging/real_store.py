@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Iterable
 
 from cxrserve import families
-from cxrserve.packaging.real_card import GATE, card_fragment
+from cxrserve.packaging.real_card import GATE, card_fragment, loso_section
 from cxrserve.packaging.real_eval import checkpoint_card, cut_validation, evaluate_archive
 from cxrserve.packaging.store import DONE, StoreBuilder, mark_trained
 from cxrserve.training.recipes import META_KEYS, task_settings
@@ -424,7 +424,7 @@ def build_real_store(store, work, data, *, recipe=None, only=None, budget=None, 
     decisions = builder.promote(names, verdicts)
     gate = json.loads((builder.work / "eval" / "gate.json").read_text()) if GATE in verdicts else None
     fragment = Path(work) / "MODEL_CARD_real.md"
-    fragment.write_text(card_fragment(results, verdicts, decisions, gate) + "\n")
+    fragment.write_text(card_fragment(results, verdicts, decisions, gate) + "\n" + loso_section(work))
     shipped = [builder.final_store / f"{n}.mar" for n, d in decisions.items() if d["shipped"]]
     carried = {c for n in names for c in families.archive_components(n)}  # the gate too, even left out
     failures = [line for component, verdict in verdicts.items() if component in carried for line in verdict.failures]
