@@ -159,3 +159,45 @@ def test_priority_without_reasons(src, tmp_path, level):
     item = priority_items(ds)[C["priority"].value]
     assert item.ConceptCodeSequence[0].CodeValue == dr_codes.PRIORITY_LEVELS[level].value
     assert "ContentSequence" not in item
+
+
+# --------------------------------------------------------------------------- end to end
+def test_a_served_site_answer_makes_a_valid_sr_with_both_values(model_store, tmp_path):
+    """The study archive with a site profile (known numbers: tests/site_fixture.py) plus a
+    priority block: the answer is prioritised by the site's rules and its SR records the
+    calibrated and the served values of every calibrated section."""
+    import io
+    import json
+
+    from cxrserve.core.loading import load_pipeline
+    from site_fixture import OPERATING_POINT, SITE, write_sites
+
+    folder = write_sites(tmp_path / "sites", model_store)
+    profile = folder / SITE / "profile.json"
+    rules = {"rules": [{"field": "mortality.risk", "at_least": 0.0, "code": "CXR9001",
+                        "meaning": "Any mortality risk (site test rule)"}]}
+    profile.write_text(json.dumps({**json.loads(profile.read_text()), "priority": rules}))
+    study = load_pipeline(model_store / "cxr-study.mar", device="cpu", sites=folder)
+    img = render(sample_spec(3, label="covid19", height=256, width=256)).image
+    dicom = to_dicom(img, modality="CR", view_position="PA", patient_name="Doe^Jane", patient_id="PID-2")
+    answer = study.predict_bytes(dicom, {"site": SITE, "models": "triage,mortality"})
+    assert answer["priority"]["rules"] == f"site {SITE}" and answer["priority"]["level"] == "urgent"
+    assert [r["code"] for r in answer["priority"]["reasons"]] == ["CXR9001"]
+    triage = answer["results"]["triage"]
+    assert triage["operating_point"] in (OPERATING_POINT, "argmax") and "uncalibrated" in triage
+    # the store's defaults answer a request that names no site (triage and mortality only: severity
+    # is not asked, so unless COVID-19 is suspected the study is not assessed)
+    plain = study.predict_bytes(dicom, {"models": "triage,mortality"})["priority"]
+    assert plain["rules"] == "store default" and plain["level"] in ("urgent", "not assessed")
+
+    ds = written(build_sr(pydicom.dcmread(io.BytesIO(dicom)), answer), tmp_path)
+    cal, unc = C["site_calibrated"].value, C["uncalibrated"].value
+    got = methods(group(ds, "cxrserve triage"))
+    for label, concept in (("covid19", "p_covid19"), ("normal", "p_normal"), ("pneumonia", "p_pneumonia")):
+        assert got[C[concept].value] == [(pytest.approx(triage["probabilities"][label]), cal),
+                                         (pytest.approx(triage["uncalibrated"]["probabilities"][label]), unc)]
+    mortality = answer["results"]["mortality"]
+    assert methods(group(ds, "cxrserve mortality"))[C["mortality_risk"].value] == [
+        (pytest.approx(mortality["risk"]), cal), (pytest.approx(mortality["uncalibrated"]["risk"]), unc)]
+    level = priority_items(ds)[C["priority"].value]
+    assert [c.ConceptCodeSequence[0].CodeValue for c in level.ContentSequence] == ["CXR9001"]
