@@ -120,6 +120,10 @@ def test_install_checks_the_store_and_serving_reads_it(model_store, film, tmp_pa
     made = write_sites(tmp_path / "made", model_store)
     assert _cli("site", "install", str(made / STALE), "--store", str(store)) == 2  # refused: re-calibrate
     assert not (store / "sites" / STALE).exists()
+    broken = json.loads((made / SITE / "profile.json").read_text())
+    (made / "broken").mkdir()
+    (made / "broken" / "profile.json").write_text(json.dumps({**broken, "priority": {"urgent": [{"field": 3}]}}))
+    assert _cli("site", "install", str(made / "broken"), "--store", str(store)) == 2  # its rules do not parse
     assert _cli("site", "install", str(made / SITE), "--store", str(store), "--default") == 0
     assert json.loads((store / "sites" / "sites.json").read_text()) == {"default": SITE}
     assert _cli("site", "list", "--store", str(store)) == 0

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cxrserve.core.priority import PriorityRuleError, parse_rules
 from cxrserve.core.site_profile import PROFILE_FILE, ProfileError, archive_info, check_binding, load_profile
 from cxrserve.core.sites import SITES_FILE, SITES_FOLDER
 
@@ -39,6 +40,11 @@ def install(source: str | Path, store: str | Path, *, default: bool = False) -> 
     """Check and copy a profile folder into ``store/sites/<name>/``; returns that folder."""
     source, store = Path(source), Path(store)
     profile = load_profile(source)
+    if profile.raw.get("priority") is not None:  # a hand-edited rule block fails here, not per study
+        try:
+            parse_rules(profile.raw["priority"], f"site profile {profile.name!r}: priority")
+        except PriorityRuleError as err:
+            raise ProfileError(str(err)) from None
     check_against_store(profile, store)
     sites = store / SITES_FOLDER
     sites.mkdir(parents=True, exist_ok=True)
