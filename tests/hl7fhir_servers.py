@@ -182,3 +182,27 @@ class FHIRServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# --------------------------------------------------------------------------- a quick scorer for the node
+class Canned:
+    """``scorer: {kind: factory, factory: 'hl7fhir_servers:canned'}``: answers the JSON answer in
+    ``$CXR_CANNED_RESPONSE`` for every image after ``$CXR_CANNED_SLEEP_S`` (a burst that takes
+    a while without loading a model in each restarted node)."""
+
+    def __init__(self, response: dict, sleep_s: float):
+        self.response, self.sleep_s = response, sleep_s
+
+    def score(self, image: bytes, prior: bytes | None = None) -> dict:
+        import time
+
+        time.sleep(self.sleep_s)
+        return self.response
+
+
+def canned(cfg) -> Canned:
+    import os
+    from pathlib import Path
+
+    return Canned(json.loads(Path(os.environ["CXR_CANNED_RESPONSE"]).read_text()),
+                  float(os.environ.get("CXR_CANNED_SLEEP_S", "0.3")))

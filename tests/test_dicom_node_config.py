@@ -22,7 +22,9 @@ def test_committed_example_parses():
 @pytest.mark.parametrize("text, message", [
     ("allowed_calling_aes: []\ndestinations: [{kind: cstore, host: h, port: 1, ae_title: P}]\n", "allowed_calling_aes"),
     ("allowed_calling_aes: [A]\n", "destinations"),
-    ("allowed_calling_aes: [A]\ndestinations: [{kind: ftp}]\n", "cstore or stowrs"),
+    ("allowed_calling_aes: [A]\ndestinations: [{kind: ftp}]\n", "cstore, stowrs, mllp or fhir"),
+    ("allowed_calling_aes: [A]\ndestinations: [{kind: fhir}]\n", "fhir needs url"),
+    ("allowed_calling_aes: [A]\ndestinations: [{kind: mllp, port: 2575, processing_id: X}]\n", "processing_id"),
     ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs}]\n", "needs url"),
     ("allowed_calling_aes: [THIS_AE_TITLE_IS_TOO_LONG]\ndestinations: [{kind: stowrs, url: u}]\n", "1-16"),
     ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs, url: u}]\nprot: 1\n", "unknown keys"),

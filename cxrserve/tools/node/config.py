@@ -32,17 +32,28 @@ class Retry:
         return (self.attempts is not None and attempts >= self.attempts) or now - since >= self.give_up_after_s
 
 
+#: Destination kinds: DICOM (the result objects) and the messages of docs/HL7_FHIR.md.
+DICOM_KINDS = ("cstore", "stowrs")
+MESSAGE_KINDS = ("mllp", "fhir")
+
+
 @dataclass
 class Destination:
+    """Where results go; each has its own delivery row and retry state per instance."""
     name: str
-    kind: str                  # "cstore" | "stowrs"
-    host: str = "127.0.0.1"
+    kind: str                  # "cstore" | "stowrs" (DICOM objects) | "mllp" (HL7 ORU^R01) | "fhir" (R4 Bundle)
+    host: str = "127.0.0.1"    # cstore, mllp
     port: int = 104
     ae_title: str = ""
-    url: str = ""              # stowrs: DICOMweb base URL, e.g. http://pacs:8042/dicom-web
+    url: str = ""              # stowrs: DICOMweb base URL; fhir: the FHIR server's base URL
     username: str = ""
     password: str = ""
+    token: str = ""            # fhir: a bearer token
     timeout_s: float = 30.0
+    receiving_application: str = ""  # mllp: MSH-5
+    receiving_facility: str = ""     # mllp: MSH-6
+    processing_id: str = "P"         # mllp: MSH-11 (P production, T training, D debugging)
+    patient_system: str = ""         # fhir: the Patient identifier's system (default urn:cxrserve:dicom-patient-id[:issuer])
 
 
 @dataclass
@@ -175,7 +186,7 @@ def load_config(path: str | Path) -> NodeConfig:
         cfg.scorer.key_file = str(rel(cfg.scorer.key_file))
     dests = raw.get("destinations") or []
     if not dests:
-        raise ConfigError("destinations: configure at least one (kind: cstore or stowrs)")
+        raise ConfigError("destinations: configure at least one (kind: cstore, stowrs, mllp or fhir)")
     names = set()
     for i, d in enumerate(dests):
         try:
@@ -185,11 +196,15 @@ def load_config(path: str | Path) -> NodeConfig:
         if dest.kind == "cstore":
             dest.ae_title = _ae(dest.ae_title, f"destinations[{i}].ae_title")
             dest.port = int(dest.port)
-        elif dest.kind == "stowrs":
+        elif dest.kind in ("stowrs", "fhir"):
             if not dest.url:
-                raise ConfigError(f"destinations[{i}]: stowrs needs url")
+                raise ConfigError(f"destinations[{i}]: {dest.kind} needs url")
+        elif dest.kind == "mllp":
+            dest.port = int(dest.port)
+            if dest.processing_id not in ("P", "T", "D"):
+                raise ConfigError(f"destinations[{i}].processing_id must be P, T or D")
         else:
-            raise ConfigError(f"destinations[{i}].kind must be cstore or stowrs, got {dest.kind!r}")
+            raise ConfigError(f"destinations[{i}].kind must be cstore, stowrs, mllp or fhir, got {dest.kind!r}")
         if dest.name in names:
             raise ConfigError(f"destinations: name {dest.name!r} used twice")
         names.add(dest.name)

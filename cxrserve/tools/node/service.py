@@ -29,11 +29,16 @@ Guarantees:
   matrix), or with none, is refused (0x0111 / 0xC000) with an audit line;
 * **finished after a crash**: on start, every spooled or scored instance without its
   deliveries is picked up again (spooled files without a state row too);
-* **delivered once**: each destination of an instance is marked delivered in the state
-  file as soon as its send succeeds and never sent again; the result UIDs are derived
-  from the source SOP UID and model version, so the only possible resend (a crash
-  between the PACS's success and that commit) lands on the same SOP Instance UIDs and
-  the PACS keeps one copy.
+* **delivered once**: each destination of an instance (PACS, HL7 MLLP, FHIR) has its own
+  state row, written before the first send, with its own retries and back-off; it is
+  marked delivered as soon as its send succeeds (C-STORE success, an ACK AA/CA, a
+  transaction-response of 200/201s) and never sent again; the result UIDs, the HL7
+  message control ID and the FHIR identifiers are derived from the source SOP UID and
+  model version, so the only possible resend (a crash between the receiver's success and
+  that commit) lands on the same SOP Instance UIDs (the PACS keeps one copy), carries the
+  same MSH-10 (the receiver sees a duplicate) and the same conditional creates
+  (``ifNoneExist``: the FHIR server creates nothing twice). The HL7 and FHIR messages are
+  written and fsynced with the objects before the instance is ``scored`` (docs/HL7_FHIR.md).
 * **audit**: one JSON line per instance in the audit log when it reaches a final
   state (``done``, ``not_processed`` with the reason, ``failed``): hashed SOP UID,
   outcome, destinations, timings; never a patient identifier or a clear UID, and for
@@ -60,7 +65,8 @@ import pydicom
 from cxrserve.core.bounded import dcmread
 from cxrserve.core.errors import CXRInputError
 from cxrserve.tools.dicom_results import NotProcessed, build_results, not_processed_reason, write_results
-from cxrserve.tools.node.config import NodeConfig
+from cxrserve.tools.node.config import MESSAGE_KINDS, NodeConfig
+from cxrserve.tools.node.messages import deliver_message, messages_missing, write_messages
 from cxrserve.tools.node.receive import StorageSCP
 from cxrserve.tools.node.spoolfiles import AuditLog, private_dir
 from cxrserve.tools.node.state import State
@@ -321,9 +327,19 @@ class Node:
             self._final(key, "failed", failure_reason("building result objects", err), timings)
             return
         out = private_dir(self.results / key)
-        write_results(objects, out, fsync=True)
+        try:  # the HL7 / FHIR destinations' messages, from the same answer (written before "scored")
+            messages = write_messages(out, source, response, self.cfg.destinations, self.cfg.ae_title)
+        except OSError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a message that does not validate: kept for an operator
+            log.error("building HL7/FHIR messages failed (%s)", type(err).__name__)
+            self._final(key, "failed", failure_reason("building HL7/FHIR messages", err), timings)
+            return
+        write_results(objects, out, fsync=True)  # fsyncs the folder too (the messages' entries)
         timings["build_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         timings["objects"] = len(objects)
+        if messages:
+            timings["messages"] = messages
         self.state.set_status(key, "scored", timings=json.dumps(timings),
                               destinations=[d.name for d in self.cfg.destinations])
         self.deliver(key)
@@ -338,29 +354,41 @@ class Node:
             self._final(key, "failed", reason, self._timings(key))
 
     def deliver(self, key: str) -> None:
+        """Send the instance's results to each pending destination that is due; each destination
+        keeps its own attempts and back-off, and is marked delivered only after its acceptance."""
         folder = self.results / key
         paths = sorted(folder.glob("*.dcm"))
-        if not paths:  # results gone (deleted by hand, or a spool from another node): score again
+        due = self.state.pending_due(key)
+        if not paths or messages_missing(folder, [d for d, _, _ in due], self.cfg.destinations):
+            # results gone (deleted by hand, a spool from another node or version): score again
             self.state.set_status(key, "spooled", reason="result objects missing; scoring again")
             return
-        objects = [pydicom.dcmread(p) for p in paths]
+        objects = None
         timings = self._timings(key)
         by_name = {d.name: d for d in self.cfg.destinations}
         inst = self.state.get(key)
         failures = []
-        for name, attempts in self.state.pending_deliveries(key):
+        now = time.time()
+        for name, attempts, next_try in due:
             dest = by_name.get(name)
             if dest is None:
                 failures.append(f"{name}: no longer configured")
                 continue
+            if next_try > now:  # this destination is backing off; the others go on
+                continue
             t0 = time.perf_counter()
             try:
-                from cxrserve.tools.node.dimse import deliver
+                if dest.kind in MESSAGE_KINDS:
+                    deliver_message(folder, dest)
+                else:
+                    from cxrserve.tools.node.dimse import deliver
 
-                deliver(objects, dest, self.cfg.ae_title)
+                    if objects is None:
+                        objects = [pydicom.dcmread(p) for p in paths]
+                    deliver(objects, dest, self.cfg.ae_title)
             except Exception as err:  # noqa: BLE001 - retried with back-off
                 reason = failure_reason(f"delivery to {name}", err)
-                n = self.state.delivery_failed(key, name, reason)
+                n = self.state.delivery_failed(key, name, reason, self.cfg.retry.delay(attempts + 1))
                 failures.append(reason)
                 log.warning("instance %s: %s (try %d)", key, reason, n)
                 if self.cfg.retry.exhausted(n, inst.received, time.time()):
@@ -369,11 +397,11 @@ class Node:
                 continue
             self.state.delivered(key, name)
             timings[f"deliver_{name}_ms"] = round(1000 * (time.perf_counter() - t0), 1)
-        if failures:
-            pending = self.state.pending_deliveries(key)
-            attempts = max((a for _, a in pending), default=1)
+        pending = self.state.pending_due(key)
+        if pending:
             self.state.set_timings(key, json.dumps(timings))
-            self.state.retry_later(key, self.cfg.retry.delay(attempts), "; ".join(failures))
+            when = max(time.time() + 0.05, min(t for _, _, t in pending))
+            self.state.wait_until(key, when, "; ".join(failures) or "waiting for a destination's next try")
             return
         self._final(key, "done", "", timings)
 

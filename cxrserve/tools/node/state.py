@@ -8,8 +8,11 @@ Instance status: ``spooled`` (file fsynced, not scored), ``scored`` (result obje
 written and fsynced, deliveries pending), ``done`` (every destination delivered),
 ``not_processed`` (a 4xx from the scorer: lateral, non-chest, gate rejection; no objects),
 ``failed`` (gave up after the retry budget, or a permanent error; kept for an operator,
-``cxrserve node requeue`` sends it round again). Each destination of a scored instance has
-its own row: ``pending`` or ``delivered``; a delivered destination is never sent again.
+``cxrserve node requeue`` sends it round again). Each destination of a scored instance (a
+PACS, an HL7 MLLP receiver, a FHIR server) has its own row: ``pending`` or ``delivered``, its
+own attempt count and its own ``next_try`` (one receiver down does not hold back the others'
+deliveries); the row exists before the first send and turns ``delivered`` only after the
+receiver's acceptance, and a delivered destination is never sent again.
 
 ``identity`` is a hash of what makes an instance *that* instance (study, series, SOP
 class, patient, matrix): a resend of the same SOP Instance UID with the same identity is
@@ -115,7 +118,8 @@ class State:
             cur = db.execute("UPDATE instances SET status=?, attempts=0, next_try=0, reason='', audited=0, "
                              "received=? WHERE sop_hash=? AND status='failed'",
                              ("scored" if scored else "spooled", time.time(), sop_hash))
-            db.execute("UPDATE deliveries SET attempts=0 WHERE sop_hash=? AND status='pending'", (sop_hash,))
+            db.execute("UPDATE deliveries SET attempts=0, next_try=0 WHERE sop_hash=? AND status='pending'",
+                       (sop_hash,))
             return cur.rowcount == 1
 
     def with_status(self, status: str) -> list[Instance]:
@@ -195,9 +199,20 @@ class State:
             db.execute("UPDATE deliveries SET status='delivered', delivered=?, attempts=attempts+1 "
                        "WHERE sop_hash=? AND destination=?", (time.time(), sop_hash, destination))
 
-    def delivery_failed(self, sop_hash: str, destination: str, reason: str) -> int:
+    def pending_due(self, sop_hash: str) -> list[tuple[str, int, float]]:
+        """``(destination, attempts, next_try)`` of the instance's pending deliveries."""
+        with self.lock:
+            return self.db.execute("SELECT destination, attempts, next_try FROM deliveries WHERE sop_hash=? AND "
+                                   "status='pending' ORDER BY destination", (sop_hash,)).fetchall()
+
+    def wait_until(self, sop_hash: str, when: float, reason: str) -> None:
+        """The instance's next look at ``when`` (its destinations' own back-off), attempts unchanged."""
         with self.tx() as db:
-            db.execute("UPDATE deliveries SET attempts=attempts+1, reason=? WHERE sop_hash=? AND destination=?",
-                       (reason, sop_hash, destination))
+            db.execute("UPDATE instances SET next_try=?, reason=? WHERE sop_hash=?", (when, reason, sop_hash))
+
+    def delivery_failed(self, sop_hash: str, destination: str, reason: str, delay: float = 0.0) -> int:
+        with self.tx() as db:
+            db.execute("UPDATE deliveries SET attempts=attempts+1, reason=?, next_try=? WHERE sop_hash=? AND "
+                       "destination=?", (reason, time.time() + delay, sop_hash, destination))
             return db.execute("SELECT attempts FROM deliveries WHERE sop_hash=? AND destination=?",
                               (sop_hash, destination)).fetchone()[0]
