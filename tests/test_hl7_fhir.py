@@ -112,6 +112,17 @@ def test_priority_site_and_operating_point(scored):
     assert ext["priority"]["valueCodeableConcept"]["coding"][0]["code"] == "CXR0201"
     assert {"CXR0201", "CXR0121"} <= {c["coding"][0]["code"] for c in report["conclusionCode"]}
     assert "urgent" in report["conclusion"]
+    # a site's answer names the site and operating point per section (the calibrated families)
+    key = next(k for k, v in response["results"].items() if isinstance(v, dict) and "probabilities" in v)
+    sited = {**response, "results": {**response["results"], key: {**response["results"][key], "site": "stmary",
+                                                                  "operating_point": "stmary:x>=0.9"}}}
+    result = study_result(source, sited)
+    message, bundle = build_oru(result), build_bundle(result)
+    validate(message)
+    validate_bundle(bundle)
+    assert "NTE|1|L|site: stmary; operating point: stmary:x>=0.9" in message.split("\r")
+    report = bundle["entry"][-1]["resource"]
+    assert {e["valueString"] for e in report["extension"] if e["url"].endswith("operating-point")} == {"stmary:x>=0.9"}
 
 
 def test_strict_validation_refuses_broken_messages(scored):

@@ -18,7 +18,8 @@ nothing twice:
   Instance UID (``urn:dicom:uid`` / ``urn:oid:<uid>``), ``result`` every Observation,
   ``conclusion`` the research-use statement and the priority, ``conclusionCode`` every coded
   value and the priority with its reasons, the accession number as an ``ACSN`` identifier,
-  site and operating point as extensions when the answer names them.
+  the site and the operating points as extensions when the answer names them (each group's
+  operating point is also a note on its finding-type Observation).
 
 fhir.resources 8 ships R5 (its default), R4B (4.3) and STU3 models, no 4.0.1: the resources
 here are validated with the R4B models, whose Patient, Device, Observation,
@@ -122,12 +123,13 @@ def build_bundle(result: StudyResult, *, patient_system_uri: str = "", now: str 
 
     observations = []
 
-    def observation(what: str, code: Concept, value: dict, dev: dict | None, components: list | None = None) -> None:
+    def observation(what: str, code: Concept, value: dict, dev: dict | None, components: list | None = None,
+                    notes: list | None = None) -> None:
         ident = _ident(_token(f"{result.result_id}-{what}"))
         resource = {"resourceType": "Observation", "identifier": [ident], "status": "preliminary",
                     "category": category, "code": codeable(code), "subject": subject,
                     "effectiveDateTime": effective, "issued": now, "derivedFrom": [study_ref], **value,
-                    "note": research}
+                    "note": research + (notes or [])}
         if dev:
             resource["device"] = dev
         if components:
@@ -140,7 +142,8 @@ def build_bundle(result: StudyResult, *, patient_system_uri: str = "", now: str 
         dev = device(group)
         quals = [{"code": codeable(i.concept), "valueCodeableConcept": codeable(i.coded)}
                  for i in group.items if i.concept in flags]
-        observation(f"{group.key}-finding", FINDING, {"valueCodeableConcept": codeable(group.finding)}, dev, quals)
+        observation(f"{group.key}-finding", FINDING, {"valueCodeableConcept": codeable(group.finding)}, dev, quals,
+                    [{"text": group.note}] if group.note else [])
         for item in group.items:
             if item.concept in flags:
                 continue
@@ -172,8 +175,9 @@ def build_bundle(result: StudyResult, *, patient_system_uri: str = "", now: str 
     extensions = [{"url": EXTENSION + "priority", "valueCodeableConcept": codeable(priority.code)}]
     if result.site:
         extensions.append({"url": EXTENSION + "site", "valueString": result.site})
-    if result.operating_point:
-        extensions.append({"url": EXTENSION + "operating-point", "valueString": result.operating_point})
+    points = [result.operating_point] if result.operating_point else [g.operating_point for g in result.groups
+                                                                        if g.operating_point]
+    extensions += [{"url": EXTENSION + "operating-point", "valueString": p} for p in points]
     if priority.rules:
         extensions.append({"url": EXTENSION + "priority-rules", "valueString": priority.rules})
     report["extension"] = extensions

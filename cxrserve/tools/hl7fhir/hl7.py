@@ -7,13 +7,14 @@ One message per scored instance::
     ORC  RE, filler order number = the result's identifier
     OBR  OBR-4 LOINC 36554-4 XR Chest Single view, OBR-7 study date/time, OBR-18 accession number,
          OBR-20 Study Instance UID, OBR-25 P (preliminary)
-    NTE  the research-use statement; site and operating point when the answer names them
+    NTE  the research-use statement; the site and operating point when the answer names them
     TQ1  TQ1-9 the priority (S stat for urgent, R routine; none when not assessed)
     OBX  ST 110180 Study Instance UID (DCM), the full UID
     OBX  CE CXR0200 AI worklist priority = CXR0201/2/3, then one CE CXR0204 per coded reason
     per SR measurement group (OBX-4 sub-ID = the group's number):
     OBX  CE 121071 Finding (DCM) = the group's finding type
     OBX  ST 111001 Algorithm Name / 111003 Algorithm Version (DCM): the TID 4019 identification
+    NTE  (after the version) the group's site and operating point, when its section names them
     OBX  NM <concept> = number, OBX-6 UCUM unit;  OBX CE <concept> = coded value
     OBX  CE CXR0090 Research use only = Yes; CXR0091 Demo model weights = Yes/No
 
@@ -108,8 +109,12 @@ def build_oru(result: StudyResult, *, receiving_application: str = "", receiving
         segments.append(segment("TQ1", {1: "1", 9: components(code, meaning, "HL70485")}))
     obx: list[str] = []
 
+    count = 0
+
     def add(kind: str, what: Concept, value: str, sub: str = "", unit: str = "") -> None:
-        obx.append(segment("OBX", {1: str(len(obx) + 1), 2: kind, 3: ce(what), 4: sub, 5: value, 6: unit,
+        nonlocal count
+        count += 1
+        obx.append(segment("OBX", {1: str(count), 2: kind, 3: ce(what), 4: sub, 5: value, 6: unit,
                                    11: "P", 14: observed}))
 
     add("ST", STUDY_UID, escape(s.study_uid))
@@ -121,6 +126,8 @@ def build_oru(result: StudyResult, *, receiving_application: str = "", receiving
         add("CE", FINDING, ce(group.finding), sub)
         add("ST", ALGORITHM_NAME, escape(group.algorithm), sub)
         add("ST", ALGORITHM_VERSION, escape(group.version), sub)
+        if group.note:  # the site profile and operating point that decided this group's values
+            obx.append(segment("NTE", {1: "1", 2: "L", 3: escape(group.note)}))
         for item in group.items:
             if item.numeric:
                 add("NM", item.concept, number(item.number), sub, ce(item.unit) if item.unit else "")

@@ -75,6 +75,13 @@ class Group:
     version: str             # TID 4019 algorithm version
     demo: bool
     items: tuple[Item, ...]
+    site: str = ""             # the site whose profile answered, when the answer names one
+    operating_point: str = ""  # the site threshold that decided (per section)
+
+    @property
+    def note(self) -> str:
+        return "; ".join(x for x in (f"site: {self.site}" if self.site else "",
+                                     f"operating point: {self.operating_point}" if self.operating_point else "") if x)
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,8 @@ def groups_of(response: dict) -> list[Group]:
         demo = is_demo(section)
         groups.append(Group(key, report.finding, str(section.get("model", name)),
                             str(section.get("model_version", "unknown"))[:64], demo,
-                            tuple(_section_items(report, section) + _flags(demo))))
+                            tuple(_section_items(report, section) + _flags(demo)),
+                            site=_text(section.get("site")), operating_point=_text(section.get("operating_point"))))
     gate = response.get("input_gate")
     if gate:
         items = [Item(concept(CODES["gate_verdict"]), coded=concept(gate_code(str(gate.get("verdict", "unknown"))))),
@@ -242,12 +250,12 @@ def priority_of(response: dict) -> Priority:
 
 
 def _site_facts(response: dict) -> tuple[str, str]:
-    """The answer's site and operating point, when it names them (top level, else a section's)."""
+    """The answer's site and operating point, when it names them (top level, else the sections':
+    one site, and the operating points are each group's own)."""
     site, point = _text(response.get("site")), _text(response.get("operating_point"))
     for section in (response.get("results") or {}).values():
         if isinstance(section, dict):
             site = site or _text(section.get("site"))
-            point = point or _text(section.get("operating_point"))
     return site, point
 
 
