@@ -94,14 +94,14 @@ def test_priority_site_and_operating_point(scored):
     without = {k: v for k, v in response.items() if k != "priority"}  # an answer from before priorities
     plain = build_oru(study_result(source, without))
     assert not fields_of(plain, "TQ1")
-    assert any(f[5].startswith("CXR0203^Not assessed") for f in obx(plain) if f[3].startswith(PRIORITY.value))
+    assert any(f[5].startswith("CXR0113^Priority not assessed") for f in obx(plain) if f[3].startswith(PRIORITY.value))
     answer = {**response, "priority": URGENT, "site": "stmary", "operating_point": "sens90"}
     result = study_result(source, answer)
     message, bundle = build_oru(result), build_bundle(result)
     validate(message)
     validate_bundle(bundle)
     assert fields_of(message, "TQ1")[9] == "S^Stat^HL70485"
-    assert any(f[5].startswith("CXR0201^Urgent") for f in obx(message))
+    assert any(f[5].startswith("CXR0111^Urgent") for f in obx(message))
     assert any(f[5].startswith("CXR0121^COVID-19 pattern^99CXRSRV") for f in obx(message))
     notes = [s for s in message.split("\r") if s.startswith("NTE|")]
     assert any("site: stmary; operating point: sens90" in n for n in notes)
@@ -109,12 +109,14 @@ def test_priority_site_and_operating_point(scored):
     report = bundle["entry"][-1]["resource"]
     ext = {e["url"].rsplit(":", 1)[-1]: e for e in report["extension"]}
     assert ext["site"]["valueString"] == "stmary" and ext["operating-point"]["valueString"] == "sens90"
-    assert ext["priority"]["valueCodeableConcept"]["coding"][0]["code"] == "CXR0201"
-    assert {"CXR0201", "CXR0121"} <= {c["coding"][0]["code"] for c in report["conclusionCode"]}
+    assert ext["priority"]["valueCodeableConcept"]["coding"][0]["code"] == "CXR0111"
+    assert {"CXR0111", "CXR0121"} <= {c["coding"][0]["code"] for c in report["conclusionCode"]}
     assert "urgent" in report["conclusion"]
     # a site's answer names the site and operating point per section (the calibrated families)
     key = next(k for k, v in response["results"].items() if isinstance(v, dict) and "probabilities" in v)
-    sited = {**response, "results": {**response["results"], key: {**response["results"][key], "site": "stmary",
+    served = response["results"][key]
+    before = {"probabilities": {c: round(1 / len(served["probabilities"]), 4) for c in served["probabilities"]}}
+    sited = {**response, "results": {**response["results"], key: {**served, "site": "stmary", "uncalibrated": before,
                                                                   "operating_point": "stmary:x>=0.9"}}}
     result = study_result(source, sited)
     message, bundle = build_oru(result), build_bundle(result)
@@ -123,6 +125,11 @@ def test_priority_site_and_operating_point(scored):
     assert "NTE|1|L|site: stmary; operating point: stmary:x>=0.9" in message.split("\r")
     report = bundle["entry"][-1]["resource"]
     assert {e["valueString"] for e in report["extension"] if e["url"].endswith("operating-point")} == {"stmary:x>=0.9"}
+    # calibrated values and the values before calibration, both, with the SR's Measurement Method codes
+    methods = [f[17].split("^")[0] for f in obx(message) if len(f) > 17 and f[17]]
+    assert methods.count("CXR0093") == methods.count("CXR0094") == len(before["probabilities"])
+    uncal = [o for o in observations(bundle) if o.get("method", {}).get("coding", [{}])[0].get("code") == "CXR0094"]
+    assert sorted(o["valueQuantity"]["value"] for o in uncal) == sorted(before["probabilities"].values())
 
 
 def test_strict_validation_refuses_broken_messages(scored):

@@ -99,7 +99,7 @@ def test_chest_dicom_reaches_pacs_ris_and_fhir_with_the_same_findings(tmp_path, 
         assert all(hl7_codes[c] == v for c, v in codes.items() if c in hl7_codes)
         # the priority: the answer's level, in the ORU and in the FHIR report
         level = study_result(pydicom.dcmread(io.BytesIO(data)), scorer.score(data)).priority.code.value
-        assert any(f[5].startswith(level + "^") for f in obx(message) if f[3].startswith("CXR0200^"))
+        assert any(f[5].startswith(level + "^") for f in obx(message) if f[3].startswith("CXR0110^"))
         (report,) = fhir.store["DiagnosticReport"]
         assert report["status"] == "preliminary" and level in {c["coding"][0]["code"] for c in report["conclusionCode"]}
         assert fhir.transactions == 1 and not fhir.rejected and not listener.invalid

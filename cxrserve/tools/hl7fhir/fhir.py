@@ -12,7 +12,8 @@ nothing twice:
   ``status: preliminary``, category ``imaging``, ``device`` its algorithm, ``derivedFrom``
   the ImagingStudy by Study Instance UID; the research-use and demo-weight evaluations of
   each group are components of its finding-type Observation; the priority is one more
-  Observation (CXR0200, with the reasons as components);
+  Observation (the SR's CXR0110, with the reasons as CXR0114 components); a section calibrated
+  by a site profile gives each changed item twice, ``method`` CXR0093 / CXR0094 as in the SR;
 * the ``DiagnosticReport``: ``status: preliminary``, category RAD (v2-0074) and imaging,
   code LOINC 36554-4 *XR Chest Single view*, ``imagingStudy`` a logical reference by Study
   Instance UID (``urn:dicom:uid`` / ``urn:oid:<uid>``), ``result`` every Observation,
@@ -153,7 +154,10 @@ def build_bundle(result: StudyResult, *, patient_system_uri: str = "", now: str 
                                            "code": unit.value}}
             else:
                 value = {"valueCodeableConcept": codeable(item.coded)}
-            observation(f"{group.key}-{item.concept.value}", item.concept, value, dev)
+            if item.method is not None:
+                value["method"] = codeable(item.method)
+            suffix = "-before-calibration" if item.method == concept(CODES["uncalibrated"]) else ""
+            observation(f"{group.key}-{item.concept.value}{suffix}", item.concept, value, dev)
     priority = result.priority
     observation("priority", PRIORITY, {"valueCodeableConcept": codeable(priority.code)}, None,
                 [{"code": codeable(PRIORITY_REASON), "valueCodeableConcept": codeable(r)} for r in priority.reasons])

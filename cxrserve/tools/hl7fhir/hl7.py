@@ -10,12 +10,14 @@ One message per scored instance::
     NTE  the research-use statement; the site and operating point when the answer names them
     TQ1  TQ1-9 the priority (S stat for urgent, R routine; none when not assessed)
     OBX  ST 110180 Study Instance UID (DCM), the full UID
-    OBX  CE CXR0200 AI worklist priority = CXR0201/2/3, then one CE CXR0204 per coded reason
+    OBX  CE CXR0110 Worklist priority = CXR0111/2/3, then one CE CXR0114 per coded reason (the SR's)
     per SR measurement group (OBX-4 sub-ID = the group's number):
     OBX  CE 121071 Finding (DCM) = the group's finding type
     OBX  ST 111001 Algorithm Name / 111003 Algorithm Version (DCM): the TID 4019 identification
     NTE  (after the version) the group's site and operating point, when its section names them
-    OBX  NM <concept> = number, OBX-6 UCUM unit;  OBX CE <concept> = coded value
+    OBX  NM <concept> = number, OBX-6 UCUM unit;  OBX CE <concept> = coded value; a section
+         calibrated by a site profile gives each changed item twice, OBX-17 (observation method)
+         CXR0093 Site-calibrated model output / CXR0094 Model output before site calibration
     OBX  CE CXR0090 Research use only = Yes; CXR0091 Demo model weights = Yes/No
 
 Every code is the SR's (``docs/DICOM.md``); coding systems are HL7 table 0396's names
@@ -111,11 +113,11 @@ def build_oru(result: StudyResult, *, receiving_application: str = "", receiving
 
     count = 0
 
-    def add(kind: str, what: Concept, value: str, sub: str = "", unit: str = "") -> None:
+    def add(kind: str, what: Concept, value: str, sub: str = "", unit: str = "", method: Concept | None = None) -> None:
         nonlocal count
         count += 1
         obx.append(segment("OBX", {1: str(count), 2: kind, 3: ce(what), 4: sub, 5: value, 6: unit,
-                                   11: "P", 14: observed}))
+                                   11: "P", 14: observed, 17: ce(method) if method else ""}))
 
     add("ST", STUDY_UID, escape(s.study_uid))
     add("CE", PRIORITY, ce(result.priority.code))
@@ -130,9 +132,9 @@ def build_oru(result: StudyResult, *, receiving_application: str = "", receiving
             obx.append(segment("NTE", {1: "1", 2: "L", 3: escape(group.note)}))
         for item in group.items:
             if item.numeric:
-                add("NM", item.concept, number(item.number), sub, ce(item.unit) if item.unit else "")
+                add("NM", item.concept, number(item.number), sub, ce(item.unit) if item.unit else "", item.method)
             else:
-                add("CE", item.concept, ce(item.coded), sub)
+                add("CE", item.concept, ce(item.coded), sub, method=item.method)
     return SEGMENT_END.join(segments + obx) + SEGMENT_END
 
 

@@ -21,9 +21,17 @@ from pydicom.dataset import Dataset
 
 from cxrserve.core.family import NO_UNITS, PRIVATE_SCHEME, Coded, Concept, Num, NumEach, import_object
 from cxrserve.tools.dicom_results.codes import CODES, RESEARCH_NOTICE, gate_code
+from cxrserve.tools.dicom_results.codes import PRIORITY_LEVELS as SR_PRIORITY_LEVELS
 from cxrserve.tools.dicom_results.identity import result_uid
 from cxrserve.tools.dicom_results.response import (NotProcessed, at, is_demo, not_processed_reason,
                                                    reported_sections, section_ok)
+
+def concept(code) -> Concept:
+    """A pydicom ``Code`` (the SR's) as a :class:`Concept`."""
+    if isinstance(code, Concept):
+        return code
+    return Concept(str(code.value), str(code.scheme_designator), str(code.meaning))
+
 
 #: The procedure the report is of (DiagnosticReport.code, OBR-4): LOINC "XR Chest Single view".
 PROCEDURE = Concept("36554-4", "LN", "XR Chest Single view")
@@ -32,23 +40,14 @@ ALGORITHM_NAME = Concept("111001", "DCM", "Algorithm Name")
 ALGORITHM_VERSION = Concept("111003", "DCM", "Algorithm Version")
 FINDING = Concept("121071", "DCM", "Finding")
 STUDY_UID = Concept("110180", "DCM", "Study Instance UID")
-#: The worklist priority (the answer's ``priority``), in cxrserve's private scheme.
-PRIORITY = Concept("CXR0200", PRIVATE_SCHEME, "AI worklist priority")
-PRIORITY_LEVELS = {
-    "urgent": Concept("CXR0201", PRIVATE_SCHEME, "Urgent"),
-    "routine": Concept("CXR0202", PRIVATE_SCHEME, "Routine"),
-    "not assessed": Concept("CXR0203", PRIVATE_SCHEME, "Not assessed"),
-}
-PRIORITY_REASON = Concept("CXR0204", PRIVATE_SCHEME, "AI worklist priority reason")
+#: The worklist priority (the answer's ``priority``): the SR's codes (CXR0110-CXR0115).
+PRIORITY = concept(CODES["priority"])
+PRIORITY_LEVELS = {level: concept(c) for level, c in SR_PRIORITY_LEVELS.items()}
+PRIORITY_REASON = concept(CODES["priority_reason"])
 NOT_ASSESSED = "not assessed"
+#: what a section served under a site profile carries: its values before calibration
+UNCALIBRATED = "uncalibrated"
 GATE_ALGORITHM = "cxr-input-gate"
-
-
-def concept(code) -> Concept:
-    """A pydicom ``Code`` (the SR's) as a :class:`Concept`."""
-    if isinstance(code, Concept):
-        return code
-    return Concept(str(code.value), str(code.scheme_designator), str(code.meaning))
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,9 @@ class Item:
     number: float | None = None
     unit: Concept | None = None
     coded: Concept | None = None
+    #: a calibrated section's changed items: Site-calibrated model output (the served value) or
+    #: Model output before site calibration (the ``uncalibrated`` one), as the SR's Measurement Method
+    method: Concept | None = None
 
     @property
     def numeric(self) -> bool:
@@ -158,7 +160,8 @@ class StudyResult:
         skip = {concept(CODES["research_use"]), concept(CODES["demo_weights"])}
         out = []
         for group in self.groups:
-            out += [i.coded for i in group.items if i.coded is not None and i.concept not in skip]
+            out += [i.coded for i in group.items if i.coded is not None and i.concept not in skip
+                    and i.method != concept(CODES["uncalibrated"])]
         out.append(self.priority.code)
         out += list(self.priority.reasons)
         return out
@@ -189,21 +192,31 @@ def subject_of(source: Dataset) -> Subject:
 
 
 def _section_items(report, section: dict) -> list[Item]:
-    """The items of one section, as its family's report declares them (the SR's walk)."""
+    """The items of one section, as its family's report declares them (the SR's walk: a section
+    calibrated with a site profile gives each item calibration changed twice, with its method)."""
     items = []
-    for declared in report.items:
-        if getattr(declared, "when", "") and not at(section, declared.when, None):
-            continue
-        if isinstance(declared, Num):
-            value = at(section, declared.field, None) if declared.optional else at(section, declared.field)
-            if not (declared.optional and value is None):
-                items.append(Item(declared.concept, number=float(value), unit=declared.unit))
-        elif isinstance(declared, Coded):
-            items.append(Item(declared.concept, coded=declared.values[at(section, declared.field)]))
-        elif isinstance(declared, NumEach):
-            coder = import_object(declared.coder)
-            for name, value in (at(section, declared.field, None) or {}).items():
-                items.append(Item(concept(coder(name)), number=float(value), unit=declared.unit))
+    before = section.get(UNCALIBRATED)
+    views = [(section, None)]
+    if isinstance(before, dict) and before:
+        views = [(section, set(before)), ({**section, **before}, set(before))]
+    for index, (view, changed) in enumerate(views):
+        for declared in report.items:
+            if getattr(declared, "when", "") and not at(view, declared.when, None):
+                continue
+            touched = changed is not None and declared.field.split(".")[0] in changed
+            if index and not touched:
+                continue
+            method = concept(CODES["uncalibrated" if index else "site_calibrated"]) if touched else None
+            if isinstance(declared, Num):
+                value = at(view, declared.field, None) if declared.optional else at(view, declared.field)
+                if not (declared.optional and value is None):
+                    items.append(Item(declared.concept, number=float(value), unit=declared.unit, method=method))
+            elif isinstance(declared, Coded):
+                items.append(Item(declared.concept, coded=declared.values[at(view, declared.field)], method=method))
+            elif isinstance(declared, NumEach):
+                coder = import_object(declared.coder)
+                for name, value in (at(view, declared.field, None) or {}).items():
+                    items.append(Item(concept(coder(name)), number=float(value), unit=declared.unit, method=method))
     return items
 
 
