@@ -15,7 +15,7 @@ def cmd_reference(args) -> int:
     rows = labelled(args.images)
     records = score_files(pipeline, [p for p, _ in rows], progress=not args.quiet)
     ref = M.fit_reference(records, window=args.window, step=args.step, target_rate=args.target_rate,
-                          resamples=args.resamples, seed=args.seed)
+                          resamples=args.resamples, seed=args.seed, exclude=args.exclude)
     out = Path(args.out) if args.out else (
         Path(args.state) / M.safe_name(args.site) / M.safe_name(pipeline.name) / "reference.json")
     ref.save(out)
@@ -76,6 +76,7 @@ def register_cli(subparsers) -> None:
     r.add_argument("--target-rate", type=float, default=1e-4, help="false alarms per study")
     r.add_argument("--resamples", type=int, default=2000)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--exclude", nargs="*", default=[], help="signals (prefixes) not watched, e.g. image.aspect")
     r.add_argument("--device", default="cpu")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_reference)
@@ -115,6 +116,7 @@ def register_cli(subparsers) -> None:
     s.add_argument("--horizon", type=int, default=200)
     s.add_argument("--track-label", default="pneumonia")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--exclude", nargs="*", default=[], help="signals (prefixes) not watched, e.g. image.aspect")
     s.add_argument("--out")
     s.set_defaults(func=cmd_simulate)
 

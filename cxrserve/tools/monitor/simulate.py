@@ -142,13 +142,15 @@ def run(args) -> dict:
     fit_rows, held = split_by_patient(base, args.fit_fraction, rng)
     t = time.time()
     ref = M.fit_reference([r for r, _, _ in fit_rows], window=args.window, step=args.step,
-                          target_rate=args.target_rate, resamples=args.resamples, seed=args.seed)
+                          target_rate=args.target_rate, resamples=args.resamples, seed=args.seed,
+                          groups=[p for _, _, p in fit_rows], exclude=args.exclude)
     fit_s = time.time() - t
     pool = [r for r, _, _ in held]
     report: dict = {"model": pipeline.name, "version": pipeline.version, "reference": args.reference,
                     "reference_studies": len(fit_rows), "held_out_studies": len(held), "window": ref.window,
                     "step": ref.step, "target_rate": ref.target_rate, "threshold": ref.threshold,
-                    "fit_seconds": round(fit_s, 1)}
+                    "fit_seconds": round(fit_s, 1),
+                    "excluded_signals": list(args.exclude), "signals": sorted(ref.null)}
     t = time.time()
     report["false_alarms"] = false_alarms(ref, pool, args.fa_studies, rng)
     report["false_alarms"]["seconds"] = round(time.time() - t, 1)
