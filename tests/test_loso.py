@@ -146,6 +146,7 @@ def test_real_sites_are_folds():
     assert "gb_covid_segmentations" not in sites and "kermany_pediatric_subset" in fam_loso.skipped_sites(records)
     train, held = fam_loso.fold(records, "ieee8023_jun2020")
     assert not any(r.source == "gb_covid_segmentations" for r in train)
+    assert not any(r.source == "gb_covid_segmentations" for r in held)  # copies of ieee8023 films: not scored twice
 
 
 def test_real_card_carries_loso_tables(tmp_path):

@@ -64,29 +64,52 @@ def held_out_sites(records: Sequence[Record]) -> list[str]:
 
 
 def fold(records: Sequence[Record], site: str) -> tuple[list[Record], list[Record]]:
-    """``(train, held_out)``: the usable films of ``site``, and every other usable film that
-    shares no patient (nor a linked patient) with them."""
+    """``(train, held_out)``: the usable films of ``site`` (not its aliases' copies of them, which
+    would count a radiograph twice), and every other usable film that is not of the site or an
+    alias of it and shares no patient (nor a linked patient) with it."""
     usable = usable_records(records)
-    held = [r for r in usable if site_of(r) == site]
-    keys = {r.patient_key for r in held} | {k for r in held for k in r.links}
+    out = [r for r in usable if site_of(r) == site]
+    held = [r for r in out if r.site == site]
+    keys = {r.patient_key for r in out} | {k for r in out for k in r.links}
     train = [r for r in usable if site_of(r) != site and r.patient_key not in keys
              and not any(k in keys for k in r.links)]
     return train, held
 
 
 def lung_findings(records: Sequence[Record], segmentation: str | Path, device: str = "auto",
-                  cache: ImageCache | None = None) -> dict[Path, LungFinding]:
-    """Every film's lung finding from one segmentation checkpoint, cut once for all folds."""
+                  cache: ImageCache | None = None, keep: str | Path | None = None) -> dict[Path, LungFinding]:
+    """Every film's lung finding from one segmentation checkpoint, cut once for all folds.
+
+    ``keep``: a JSON file of the boxes (what the crops need; the probability maps are dropped),
+    read instead of segmenting again when it was written for the same checkpoint."""
     dev = resolve_device(device)
     model, card = load_model(segmentation, dev)
-    cache = cache or ImageCache()
+    keep = Path(keep) if keep else None
     out: dict[Path, LungFinding] = {}
+    if keep and keep.is_file():
+        saved = json.loads(keep.read_text())
+        if saved.get("checkpoint") == str(segmentation):
+            empty = np.zeros((0, 0), dtype=np.float32)
+            for r in records:
+                f = saved["films"].get(r.relpath)
+                if f is not None:
+                    out[r.path] = LungFinding(empty, empty.astype(bool), f["bbox"], f["confidence"], f["crop_used"],
+                                              f["area"])
+    own = cache is None
+    cache = cache or ImageCache()
     runtime = TorchRuntime(model, dev)
-    todo = list({r.path: r for r in records}.values())
+    todo = [r for r in {r.path: r for r in records}.values() if r.path not in out]
     for i in range(0, len(todo), 64):  # chunks: the decoded images need not all be held at once
         chunk = todo[i:i + 64]
         out.update(zip((r.path for r in chunk), find_lungs([cache.image(r) for r in chunk], runtime,
                                                            card.preprocessing, card.thresholds)))
+        if own:
+            cache.images.clear()  # decoded images are not held for all films at once
+    if keep and todo:
+        films = {r.relpath: {"bbox": None if out[r.path].lung_bbox is None else [int(v) for v in out[r.path].lung_bbox], "confidence": float(out[r.path].segmentation_confidence),
+                             "crop_used": bool(out[r.path].crop_used), "area": float(out[r.path].lung_area_fraction)}
+                 for r in records}
+        keep.write_text(json.dumps({"checkpoint": str(segmentation), "films": films}) + "\n")
     return out
 
 
@@ -135,10 +158,16 @@ def run_fold(records: Sequence[Record], site: str, out: str | Path, *, segmentat
         return json.loads(done.read_text())
     train_set, held = fold(records, site)
     started = time.time()
-    best = (train or task_triage.train)(train_set, segmentation, folder / "run", device=device,
-                                        deadline=started + budget, progress=progress,
-                                        lung_findings=findings, **settings)
-    trained = time.time() - started
+    marker = folder / "trained.json"  # a trained fold is only scored again (e.g. after a change of what is scored)
+    if marker.exists():
+        best, trained = Path(folder / "run" / "best.ckpt"), json.loads(marker.read_text())["train_seconds"]
+    else:
+        best = (train or task_triage.train)(train_set, segmentation, folder / "run", device=device,
+                                            deadline=started + budget, progress=progress,
+                                            lung_findings=findings, **settings)
+        trained = time.time() - started
+        marker.write_text(json.dumps({"train_seconds": round(trained, 1)}) + "\n")
+    scoring = time.time()
     probs = score(held, best, findings, device)
     truth = np.array([CLASS_LABELS.index(r.triage_label) for r in held], dtype=np.int64)
     np.savez(folder / "scores.npz", probs=probs, truth=truth, groups=patient_index(held))
@@ -149,7 +178,7 @@ def run_fold(records: Sequence[Record], site: str, out: str | Path, *, segmentat
                      "labels": dict(Counter(r.triage_label for r in held))},
         "train": {"films": len(train_set), "by_site": dict(Counter(site_of(r) for r in train_set)),
                   "labels": dict(Counter(r.triage_label for r in train_set))},
-        "budget_s": budget, "train_seconds": round(trained, 1), "score_seconds": round(time.time() - started - trained, 1),
+        "budget_s": budget, "train_seconds": round(trained, 1), "score_seconds": round(time.time() - scoring, 1),
         "epochs_run": len(history) if isinstance(history, list) else None,
         "settings": {k: v for k, v in settings.items()},
     }

@@ -52,7 +52,7 @@ def run(data, out, *, task: str | None = None, budget: float = 300.0, seg_budget
     for site in todo_sites:
         if findings is None and not (out / site / "fold.json").exists():
             t = time.time()
-            findings = mod.lung_findings(mod.usable_records(records), seg["checkpoint"], device)
+            findings = mod.lung_findings(mod.usable_records(records), seg["checkpoint"], device, keep=out / "crops.json")
             seg["crop_seconds"] = round(time.time() - t, 1)
         log.info("fold: leaving out %s", site)
         folds[site] = mod.run_fold(records, site, out, segmentation=seg["checkpoint"], findings=findings,
