@@ -61,6 +61,21 @@ destinations:
     return folder / "node.yaml"
 
 
+def sr_priority(path: Path) -> str:
+    """The SR's worklist priority value (CXR0110's coded value), wherever it sits in the tree."""
+    def walk(items):
+        for item in items:
+            name = item.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == "CXR0110":
+                return item.ConceptCodeSequence[0].CodeValue
+            found = walk(item.get("ContentSequence", []))
+            if found:
+                return found
+        return None
+
+    return walk(pydicom.dcmread(path).ContentSequence)
+
+
 def obx(message: str) -> list[list[str]]:
     return [s.split("|") for s in message.split("\r") if s.startswith("OBX|")]
 
@@ -99,6 +114,7 @@ def test_chest_dicom_reaches_pacs_ris_and_fhir_with_the_same_findings(tmp_path, 
         assert all(hl7_codes[c] == v for c, v in codes.items() if c in hl7_codes)
         # the priority: the answer's level, in the ORU and in the FHIR report
         level = study_result(pydicom.dcmread(io.BytesIO(data)), scorer.score(data)).priority.code.value
+        assert sr_priority(tmp_path / "sr.dcm") == level  # the SR's, too
         assert any(f[5].startswith(level + "^") for f in obx(message) if f[3].startswith("CXR0110^"))
         (report,) = fhir.store["DiagnosticReport"]
         assert report["status"] == "preliminary" and level in {c["coding"][0]["code"] for c in report["conclusionCode"]}
