@@ -23,7 +23,7 @@ from cxrserve.tools.node.service import Node
 from dicomtools import DICOMWEB_PLUGIN, Orthanc, echoscu, free_port, have, storescu, wait_for
 from hl7fhir_servers import FHIRServer, MLLPListener
 from study_adapter import StudyModelScorer
-from test_dicom_node import audit, results_in
+from test_dicom_node import ALL_KINDS, audit, results_in
 from test_dicom_results import phantom_dicom, sr_values
 
 pytestmark = [pytest.mark.slow]
@@ -97,7 +97,7 @@ def test_chest_dicom_reaches_pacs_ris_and_fhir_with_the_same_findings(tmp_path, 
         assert line["deliveries"] == {"pacs": "delivered", "ris": "delivered", "ehr": "delivered"}
         # the same answer, three ways
         found = results_in(orthanc, "1.2.826.0.1.3680043.8.498.24200")
-        assert {"sr", "seg"} <= set(found)
+        assert set(found) == ALL_KINDS and all(len(v) == 1 for v in found.values())  # SR, SEG, the SCs
         (sr,) = found["sr"]
         (tmp_path / "sr.dcm").write_bytes(orthanc.file(sr["id"]))
         nums, codes, _ = sr_values(tmp_path / "sr.dcm")
