@@ -100,7 +100,7 @@ def register_cli(subparsers) -> None:
     s = sub.add_parser("simulate", help="detection delay, false-alarm rate and estimate tracking on ../shared/data streams")
     s.add_argument("--data", default="../shared/data")
     s.add_argument("--store", default="model_store")
-    s.add_argument("--model", default="cxr-triage")
+    s.add_argument("--model", required=True, help="served model whose answers are simulated")
     s.add_argument("--work", default="build/monitor")
     s.add_argument("--reference", default="nih_cxr8_darkcovidnet")
     s.add_argument("--shifted", nargs="+", default=["hannover_covid", "kermany_pediatric_subset",
@@ -123,7 +123,7 @@ def register_cli(subparsers) -> None:
     b = sub.add_parser("bench", help="serving throughput with and without the monitor, same session")
     b.add_argument("--data", default="../shared/data/nih_cxr8_darkcovidnet")
     b.add_argument("--store", default="model_store")
-    b.add_argument("--model", default="cxr-triage")
+    b.add_argument("--model", required=True)
     b.add_argument("--n", type=int, default=64)
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--rounds", type=int, default=3)
