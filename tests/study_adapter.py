@@ -33,13 +33,14 @@ class StudyModelScorer:
         self.pipeline = pipeline
         self.lock = threading.Lock()
 
-    def score(self, image: bytes, prior: bytes | None = None) -> dict:
+    def score(self, image: bytes, prior: bytes | None = None, *, site: str | None = None) -> dict:
         from cxrserve.core.errors import CXRInputError
 
         extra = {"prior": prior} if prior is not None else {}
+        options = {"pictures": True, "lungseg.overlay": False, **({"site": site} if site else {})}
         with self.lock:
             try:
-                return self.pipeline.predict_bytes(image, {"pictures": True, "lungseg.overlay": False}, **extra)
+                return self.pipeline.predict_bytes(image, options, **extra)
             except CXRInputError as err:
                 return err.to_dict()
 

@@ -46,8 +46,8 @@ class Recording:
     def __init__(self, scorer):
         self.scorer, self.responses = scorer, {}
 
-    def score(self, image: bytes, prior: bytes | None = None) -> dict:
-        response = self.scorer.score(image, prior)
+    def score(self, image: bytes, prior: bytes | None = None, **site) -> dict:
+        response = self.scorer.score(image, prior, **site)
         uid = pydicom.dcmread(io.BytesIO(image), stop_before_pixels=True).SOPInstanceUID
         self.responses[sop_hash(uid)] = {"response": response, "prior": prior is not None}
         return response
@@ -222,6 +222,47 @@ def test_lateral_and_ct_get_no_results(node, node_port, orthanc, tmp_path):
     assert results_in(orthanc, "1.2.826.0.1.3680043.8.498.7401") == {}
     assert results_in(orthanc, "1.2.826.0.1.3680043.8.498.7501") == {}
     assert node.state.get(sop_hash("1.2.826.0.1.3680043.8.498.7503")) is None
+
+
+def test_calling_ae_title_picks_the_site(tmp_path, orthanc, model_store):
+    """A modality whose AE title a site profile lists gets that site's calibrated answer, in the SR
+    too; another modality's studies are answered as served."""
+    from cxrserve.core.loading import load_pipeline
+    from site_fixture import OPERATING_POINT, SITE, write_sites
+
+    sites = write_sites(tmp_path / "sites", model_store)
+    scorer = Recording(StudyModelScorer(load_pipeline(model_store / "cxr-study.mar", device="cpu", sites=sites)))
+    port = free_port()
+    path = write_config(tmp_path / "site", port, orthanc, qr=False, destinations=(
+        f"  - {{name: pacs, kind: cstore, host: 127.0.0.1, port: {orthanc.dicom_port}, ae_title: ORTHANC}}"))
+    text = path.read_text().replace(f"allowed_calling_aes: [{MODALITY}, ORTHANC]",
+                                    f"allowed_calling_aes: [{MODALITY}, ORTHANC, TESTSITE]")
+    path.write_text(text + f"sites_dir: {sites}\n")
+    n = Node(load_config(path), scorer)
+    assert n.site_of("TESTSITE") == SITE and n.site_of(MODALITY) == ""
+    n.start()
+    try:
+        uids = {}
+        for calling, seed in (("TESTSITE", 61), (MODALITY, 62)):
+            study = f"1.2.826.0.1.3680043.8.498.{7700 + seed}"
+            uids[calling] = (study, f"{study}.1")
+            data = phantom_dicom(seed, StudyInstanceUID=study, SOPInstanceUID=f"{study}.1")
+            assert send(tmp_path, f"{calling}.dcm", data, port=port, calling=calling).returncode == 0
+        for calling, (study, sop) in uids.items():
+            assert final_line(n, sop)["outcome"] == "done"
+            response = scorer.responses[sop_hash(sop)]["response"]
+            assert response.get("site") == (SITE if calling == "TESTSITE" else None)
+        study, sop = uids["TESTSITE"]
+        assert scorer.responses[sop_hash(sop)]["response"]["results"]["triage"]["operating_point"] in \
+            (OPERATING_POINT, "argmax")
+        (sr,) = results_in(orthanc, study)["sr"]
+        sr_path = tmp_path / "site-sr.dcm"
+        sr_path.write_bytes(orthanc.file(sr["id"]))
+        texts = {str(e.value) for e in pydicom.dcmread(sr_path).iterall() if e.keyword == "TextValue"}
+        assert f"site: {SITE}" in texts  # TID 4019 algorithm parameter of the calibrated sections
+        assert dciodvfy(sr_path)[0] == []
+    finally:
+        n.stop()
 
 
 def test_stowrs_to_orthanc_dicomweb(tmp_path, orthanc, recording):

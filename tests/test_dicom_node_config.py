@@ -28,6 +28,8 @@ def test_committed_example_parses():
     ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs}]\n", "needs url"),
     ("allowed_calling_aes: [THIS_AE_TITLE_IS_TOO_LONG]\ndestinations: [{kind: stowrs, url: u}]\n", "1-16"),
     ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs, url: u}]\nprot: 1\n", "unknown keys"),
+    ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs, url: u}]\nsites: {B: stmary}\n", "never send"),
+    ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs, url: u}]\nsites: {A: St Mary}\n", "site names"),
     ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs, url: u}]\nretry: {tries: 3}\n", "retry"),
     ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs, url: u}]\nassociations: {per_peer: 0}\n", "per_peer"),
     ("allowed_calling_aes: [A]\ndestinations: [{kind: stowrs, url: u}]\nassociations: {peers: 2}\n",

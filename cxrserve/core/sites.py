@@ -44,7 +44,9 @@ SITES_FOLDER = "sites"
 SITES_FILE = "sites.json"
 #: Digits of the profile digest an answer names (enough to tell two profiles apart).
 DIGEST_CHARS = 16
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: What a site name looks like (its folder under ``sites/``).
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_NAME = SITE_NAME
 
 
 class SiteProfileRefused(CXRInputError):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from cxrserve.core.sites import SITE_NAME
+
 
 class ConfigError(ValueError):
     pass
@@ -122,6 +124,11 @@ class NodeConfig:
     destinations: list[Destination] = field(default_factory=list)
     query_retrieve: QueryRetrieve | None = None
     retry: Retry = field(default_factory=Retry)
+    #: calling AE title -> site (cxrserve.core.sites): its studies are answered by that site's
+    #: profile; beside these, the ae_titles of the profiles installed in ``sites_dir``
+    sites: dict[str, str] = field(default_factory=dict)
+    #: the store's site profiles (``<store>/sites``), read for their ae_titles; "" = none
+    sites_dir: Path | None = None
 
     @property
     def audit_path(self) -> Path:
@@ -145,7 +152,7 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     known = {"ae_title", "host", "port", "allowed_calling_aes", "spool", "audit_log", "keep_spooled_images",
              "poll_s", "scorer", "destinations", "query_retrieve", "retry", "max_dataset_bytes", "min_free_bytes",
-             "retention_days", "associations"}
+             "retention_days", "associations", "sites", "sites_dir"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -167,6 +174,17 @@ def load_config(path: str | Path) -> NodeConfig:
         max_dataset_bytes=int(raw.get("max_dataset_bytes", 64 * 2**20)),
         min_free_bytes=int(raw.get("min_free_bytes", 2**30)),
         retention_days=float(raw.get("retention_days", 30)))
+    sites = raw.get("sites") or {}
+    if not isinstance(sites, dict):
+        raise ConfigError("sites: a mapping of calling AE title -> site name")
+    for ae, name in sites.items():
+        if not SITE_NAME.match(str(name)):
+            raise ConfigError(f"sites[{ae}]: site names are lower-case letters, digits, '-' or '_', got {name!r}")
+        if _ae(ae, "sites") not in cfg.allowed_calling_aes:
+            raise ConfigError(f"sites: {ae!r} is not in allowed_calling_aes, so it can never send")
+    cfg.sites = {_ae(ae, "sites"): str(name) for ae, name in sites.items()}
+    if raw.get("sites_dir"):
+        cfg.sites_dir = rel(raw["sites_dir"])
     try:
         cfg.associations = Associations(**(raw.get("associations") or {}))
     except TypeError as err:

@@ -187,7 +187,8 @@ class StorageSCP:
             if known is not None:  # a resend of a failed instance: try it again from the start
                 self.node.state.requeue(key)
             else:
-                self.node.state.add(key, identity)
+                calling = str(getattr(event.assoc.requestor, "ae_title", "") or "")
+                self.node.state.add(key, identity, self.node.site_of(calling))
             self.node.state.set_timings(key, json.dumps({"spool_ms": round(1000 * (time.perf_counter() - start), 1)}))
         except (OSError, sqlite3.Error) as err:
             log.error("spooling failed: %s", type(err).__name__)

@@ -18,7 +18,8 @@ class ScoringUnavailable(RuntimeError):
 
 
 class Scorer(Protocol):
-    def score(self, image: bytes, prior: bytes | None = None) -> dict: ...
+    #: ``site`` is passed only when the calling AE title maps to one (the request option ``site``)
+    def score(self, image: bytes, prior: bytes | None = None, *, site: str | None = None) -> dict: ...
 
 
 class RestStudyScorer:
@@ -32,11 +33,12 @@ class RestStudyScorer:
                                 management_url=cfg.management_url, timeout=cfg.timeout_s,
                                 retries=cfg.client_retries)
 
-    def score(self, image: bytes, prior: bytes | None = None) -> dict:
+    def score(self, image: bytes, prior: bytes | None = None, *, site: str | None = None) -> dict:
         from cxrserve.tools.client import AuthenticationError, CXRServeError, InputRejected
 
+        options = {**self.options, "site": site} if site else self.options
         try:
-            return self.client.predict(self.model, image, prior=prior, options=self.options)
+            return self.client.predict(self.model, image, prior=prior, options=options)
         except InputRejected as err:
             return {"error": err.code, "status": err.status, "message": err.message}
         except AuthenticationError as err:
@@ -54,12 +56,13 @@ class InProcessStudyScorer:
         self.pipeline = load_pipeline(cfg.archive, device=cfg.device)
         self.options = dict(cfg.options or {})
 
-    def score(self, image: bytes, prior: bytes | None = None) -> dict:
+    def score(self, image: bytes, prior: bytes | None = None, *, site: str | None = None) -> dict:
         from cxrserve.core.errors import CXRInputError
 
         extra = {"prior": prior} if prior is not None else {}
+        options = {**self.options, "site": site} if site else self.options
         try:
-            return self.pipeline.predict_bytes(image, self.options, **extra)
+            return self.pipeline.predict_bytes(image, options, **extra)
         except CXRInputError as err:
             return err.to_dict()
 

@@ -59,13 +59,14 @@ import sqlite3
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pydicom
 
 from cxrserve.core.bounded import dcmread
 from cxrserve.core.errors import CXRInputError
 from cxrserve.tools.dicom_results import NotProcessed, build_results, not_processed_reason, write_results
-from cxrserve.tools.node.config import MESSAGE_KINDS, NodeConfig
+from cxrserve.tools.node.config import MESSAGE_KINDS, ConfigError, NodeConfig
 from cxrserve.tools.node.messages import deliver_message, messages_missing, write_messages
 from cxrserve.tools.node.receive import StorageSCP
 from cxrserve.tools.node.spoolfiles import AuditLog, private_dir
@@ -93,6 +94,27 @@ def failure_reason(stage: str, err: BaseException) -> str:
     return f"{stage}: {type(err).__name__}"
 
 
+def site_map(cfg: NodeConfig) -> dict[str, str]:
+    """Calling AE title -> site: the ``ae_titles`` of the profiles in ``sites_dir`` (for an
+    in-process scorer, default: the ``sites/`` beside its archive), then ``sites:`` in node.yaml,
+    which wins. One AE title claimed by two profiles is a configuration error."""
+    from cxrserve.core.sites import SITES_FOLDER, SiteBook
+
+    folder = cfg.sites_dir
+    if folder is None and cfg.scorer.kind == "in_process" and cfg.scorer.archive:
+        folder = Path(cfg.scorer.archive).parent / SITES_FOLDER
+    out: dict[str, str] = {}
+    if folder is not None and Path(folder).is_dir():
+        for name, profile in SiteBook.load(folder).profiles.items():
+            for ae in profile.ae_titles:
+                if out.get(ae, name) != name:
+                    raise ConfigError(f"calling AE title {ae!r} is claimed by the profiles of {out[ae]!r} and "
+                                      f"{name!r}: map it in node.yaml's sites:")
+                out[ae] = name
+    out.update(cfg.sites)
+    return out
+
+
 class Node:
     def __init__(self, cfg: NodeConfig, scorer=None):
         self.cfg = cfg
@@ -110,6 +132,11 @@ class Node:
         self.supervisor = None
         self.worker_starts = 0
         self._last_janitor = 0.0
+        self.site_of_ae = site_map(cfg)
+
+    def site_of(self, calling_ae: str) -> str:
+        """The site whose profile answers studies from ``calling_ae`` ("" = none: the store's default)."""
+        return self.site_of_ae.get(calling_ae.strip(), "")
 
     # ------------------------------------------------------------------ health
     @property
@@ -304,7 +331,9 @@ class Node:
         from cxrserve.tools.node.scoring import ScoringUnavailable
 
         try:
-            response = self.scorer.score(data, prior)
+            inst = self.state.get(key)
+            site = {"site": inst.site} if inst is not None and inst.site else {}
+            response = self.scorer.score(data, prior, **site)
         except Exception as err:  # noqa: BLE001 - the scorer down, loading or crashing: retried with back-off
             reason = failure_reason("scoring unavailable", err if isinstance(err, ScoringUnavailable) else
                                     ScoringUnavailable(type(err).__name__))

@@ -71,6 +71,7 @@ class Instance:
     timings: str
     audited: int
     identity: str = ""
+    site: str = ""  # the site its calling AE title maps to ("" = none named)
 
 
 class State:
@@ -87,6 +88,8 @@ class State:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
         if "identity" not in columns:  # a spool from before duplicate-UID checks
             self.db.execute("ALTER TABLE instances ADD COLUMN identity TEXT NOT NULL DEFAULT ''")
+        if "site" not in columns:  # a spool from before sites
+            self.db.execute("ALTER TABLE instances ADD COLUMN site TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def tx(self):
@@ -104,11 +107,11 @@ class State:
             self.db.close()
 
     # ------------------------------------------------------------------ instances
-    def add(self, sop_hash: str, identity: str = "") -> bool:
+    def add(self, sop_hash: str, identity: str = "", site: str = "") -> bool:
         """Register a spooled instance; False when it is already known (a resend)."""
         with self.tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO instances (sop_hash, status, received, identity) "
-                             "VALUES (?, 'spooled', ?, ?)", (sop_hash, time.time(), identity))
+            cur = db.execute("INSERT OR IGNORE INTO instances (sop_hash, status, received, identity, site) "
+                             "VALUES (?, 'spooled', ?, ?, ?)", (sop_hash, time.time(), identity, site))
             return cur.rowcount == 1
 
     def requeue(self, sop_hash: str, *, scored: bool = False) -> bool:
