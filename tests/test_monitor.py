@@ -203,3 +203,41 @@ def test_feedback_and_report(tmp_path):
     from cxrserve.tools.monitor.scoring import file_key
 
     assert file_key(img, M.monitor_secret(state)) in truth
+
+
+def test_shadow_records_both_answers_and_switches_with_an_audit(tmp_path):
+    from cxrserve.core.shadow import Shadow
+    from cxrserve.tools.monitor.cli import main
+    from cxrserve.tools.monitor.shadow import compare
+
+    class Candidate(FakePipeline):
+        version = "10"
+
+        def predict(self, items):
+            assert all(i.gate is None for i in items)  # copies: the active answer's items untouched
+            return [{"model": "cxr-fake", "probabilities": {"a": 0.8, "b": 0.2}} for _ in items]
+
+    state = tmp_path / "state"
+    shadow = Shadow(Candidate(), state, sync=True)
+    active = FakePipeline()
+    items = [phantom_item(i) for i in range(4)] + [MalformedInput("bad")]
+    results = [{"model": "cxr-fake", "probabilities": {"a": 0.3 if i % 2 else 0.7, "b": 0.7 if i % 2 else 0.3}}
+               for i in range(4)] + [MalformedInput("bad")]
+    shadow(active, items, results)
+    assert items[0].gate is not None and results[0]["probabilities"]["a"] == 0.7  # answers unchanged
+    report = compare(state, "default", "cxr-fake")["10"]
+    assert report["studies"] == 5 and report["both_answered"] == 4 and report["agreement"] == 0.5
+    assert report["flips"] == {"b->a": 2}
+    # promote and roll back, each in the audit log
+    store, cand = tmp_path / "store", tmp_path / "cand"
+    store.mkdir()
+    cand.mkdir()
+    (store / "cxr-fake.mar").write_bytes(b"old")
+    (cand / "cxr-fake.mar").write_bytes(b"new")
+    assert main(["monitor", "promote", "--model", "cxr-fake", "--store", str(store), "--candidate", str(cand),
+                 "--state", str(state)]) == 0
+    assert (store / "cxr-fake.mar").read_bytes() == b"new"
+    assert main(["monitor", "rollback", "--model", "cxr-fake", "--store", str(store), "--state", str(state)]) == 0
+    assert (store / "cxr-fake.mar").read_bytes() == b"old"
+    actions = [json.loads(line)["action"] for line in (state / "audit.jsonl").read_text().splitlines()]
+    assert actions == ["promote", "rollback"]

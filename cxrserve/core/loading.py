@@ -73,6 +73,9 @@ def load_pipeline(model_dir: str | Path, *, device: str = "auto", config: dict |
     from cxrserve.core.monitor import attach
 
     attach(pipeline, config)  # the drift monitor watches every entry point (handler ``monitor: false`` turns it off)
+    from cxrserve.core.shadow import attach_shadow
+
+    attach_shadow(pipeline, config, lambda mar: load_pipeline(mar, device=device, sites=sites))  # $CXRSERVE_SHADOW_STORE
     if unpacked is not None:
         import shutil
         import weakref

@@ -144,8 +144,9 @@ class CXRHandler(BaseHandler):
         return self.pipeline.make_items(parsed)
 
     def _attach_monitor(self, config: dict) -> None:
-        """The drift monitor (:mod:`cxrserve.core.monitor`) as a pipeline observer; a pipeline
-        without ``observers`` gets it called from :meth:`inference` instead."""
+        """The drift monitor (:mod:`cxrserve.core.monitor`) as a pipeline observer (a pipeline without
+        ``observers`` gets it called from :meth:`inference` instead), and a shadow candidate
+        (:mod:`cxrserve.core.shadow`) when a shadow store is configured."""
         from cxrserve.core import monitor
 
         self.monitor = None
@@ -153,6 +154,12 @@ class CXRHandler(BaseHandler):
             attached = monitor.attach(self.pipeline, config)
             if attached is not None and getattr(self.pipeline, "observers", None) is None:
                 self.monitor = attached
+            from cxrserve.core.loading import load_pipeline
+            from cxrserve.core.shadow import attach_shadow
+
+            # a candidate of the same model from $CXRSERVE_SHADOW_STORE scores beside it, never answering
+            device = "cpu" if self.pipeline.device.type == "cpu" else "auto"
+            attach_shadow(self.pipeline, config, lambda mar: load_pipeline(mar, device=device))
         except Exception:
             log.warning("drift monitor not attached", exc_info=True)
 

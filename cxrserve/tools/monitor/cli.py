@@ -60,6 +60,48 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _labels(path, state, root=None) -> dict[str, str] | None:
+    if not path:
+        return None
+    import csv
+
+    from cxrserve.core import monitor as M
+    from cxrserve.tools.monitor.feedback import row_key
+
+    secret = M.monitor_secret(Path(state))
+    with Path(path).open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out = {}
+    for row in rows:
+        key = row_key(row, secret, Path(root) if root else Path(path).parent)
+        if key and row.get("label"):
+            out[key] = row["label"]
+    return out
+
+
+def cmd_compare(args) -> int:
+    from cxrserve.tools.monitor.shadow import compare
+
+    print(json.dumps(compare(args.state, args.site, args.model, _labels(args.labels, args.state)), indent=2))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from cxrserve.tools.monitor.shadow import promote
+
+    print(json.dumps(promote(args.store, args.candidate, args.model, args.state, args.reason), indent=2))
+    print("restart the servers to load it")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from cxrserve.tools.monitor.shadow import rollback
+
+    print(json.dumps(rollback(args.store, args.model, args.state, args.reason), indent=2))
+    print("restart the servers to load it")
+    return 0
+
+
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("monitor", help="drift and performance monitoring: reference, feedback, report")
     sub = p.add_subparsers(dest="monitor_command", required=True)
@@ -119,6 +161,23 @@ def register_cli(subparsers) -> None:
     s.add_argument("--exclude", nargs="*", default=[], help="signals (prefixes) not watched, e.g. image.aspect")
     s.add_argument("--out")
     s.set_defaults(func=cmd_simulate)
+
+    c = sub.add_parser("compare", help="a shadow candidate against the active model (CXRSERVE_SHADOW_STORE)")
+    c.add_argument("--model", required=True)
+    c.add_argument("--site", default="default")
+    c.add_argument("--state", default="build/monitor/state")
+    c.add_argument("--labels", help="returned labels CSV (as for feedback): each one's accuracy too")
+    c.set_defaults(func=cmd_compare)
+    for name, func, text in (("promote", cmd_promote, "candidate archive into the active store (audit log)"),
+                             ("rollback", cmd_rollback, "the previous archive back (audit log)")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("--model", required=True)
+        q.add_argument("--store", default="model_store")
+        if name == "promote":
+            q.add_argument("--candidate", required=True, help="the shadow store")
+        q.add_argument("--state", default="build/monitor/state", help="monitor folder: audit.jsonl")
+        q.add_argument("--reason", default="")
+        q.set_defaults(func=func)
 
     b = sub.add_parser("bench", help="serving throughput with and without the monitor, same session")
     b.add_argument("--data", default="../shared/data/nih_cxr8_darkcovidnet")
