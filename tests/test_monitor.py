@@ -241,3 +241,16 @@ def test_shadow_records_both_answers_and_switches_with_an_audit(tmp_path):
     assert (store / "cxr-fake.mar").read_bytes() == b"old"
     actions = [json.loads(line)["action"] for line in (state / "audit.jsonl").read_text().splitlines()]
     assert actions == ["promote", "rollback"]
+
+
+def test_reference_beside_the_site_profile(tmp_path):
+    class Site:
+        name, path = "stmary", tmp_path / "sites" / "stmary" / "profile.json"
+
+    rng = np.random.default_rng(7)
+    M.fit_reference(fake_records(60, rng, model="cxr-fake", version="9", site="stmary"), window=5,
+                    resamples=100).save(tmp_path / "sites" / "stmary" / "monitor" / "cxr-fake.json")
+    mon = M.Monitor(None, sync=True)
+    mon(FakePipeline(), [phantom_item(i, Site()) for i in range(5)], [{"probabilities": {"a": .5, "b": .5}}] * 5)
+    (snap,) = mon.snapshot()
+    assert snap["site"] == "stmary" and snap["threshold"] is not None and "combined" in snap["scores"]

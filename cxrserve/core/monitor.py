@@ -574,7 +574,8 @@ class Monitor:
             for item in items:
                 site = getattr(item, "site", None)
                 if getattr(site, "path", None) is not None and getattr(site, "name", None):
-                    self._profile_dirs.setdefault(site.name, Path(site.path))
+                    folder = Path(site.path)  # the profile's profile.json (or its folder)
+                    self._profile_dirs.setdefault(site.name, folder.parent if folder.suffix == ".json" else folder)
             records = make_records(pipeline, items, results, self.secret)
         except Exception:
             self.errors += 1
