@@ -156,3 +156,12 @@ def test_real_card_carries_loso_tables(tmp_path):
     (tmp_path / "loso").mkdir()
     (tmp_path / "loso" / "loso.md").write_text("| held-out site | x |\n")
     assert "Leave-one-site-out" in loso_section(tmp_path) and "| held-out site | x |" in loso_section(tmp_path)
+
+
+def test_negatives_only_site_keeps_a_served_call_that_meets_the_floor():
+    """Openist-like: every film normal and served as such; calibration must not lower specificity."""
+    groups = np.arange(60)
+    truth = np.ones(60, dtype=int)  # normal
+    probs = np.tile([0.02, 0.9, 0.08], (60, 1)) + np.linspace(0, 0.01, 60)[:, None] * [1, -1, 0]
+    out = curve_mod.curve(fam_loso.META, probs, truth, groups, ns=(10,), draws=5)
+    assert out["10"]["after"]["specificity"]["median"] == 1.0

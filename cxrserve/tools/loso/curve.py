@@ -1,22 +1,27 @@
 """Before / after site calibration with N labelled films of a left-out site.
 
 Each draw picks whole patients at random until it holds ``n`` films (the last patient's surplus
-films are set aside, scored by neither side), fits the steps ``cxrserve site calibrate`` fits
-(:func:`cxrserve.tools.site.calibrate.fit_steps`: temperature, prior shift by EM, the operating
-point for the sensitivity target, else the specificity one) on those films only, and scores the
-site's other patients' films, before (served: argmax of the raw probabilities) and after. The
-prior shift's unlabelled films are the same ``n`` films: nothing of a scored film, not even its
-image, is used to fit. Over the draws the median and the 2.5 / 97.5 percentiles are reported.
+films are set aside, scored by neither side), fits on those films only, and scores every film of
+the site's other patients, before (served: argmax of the raw probabilities) and after. Over the
+draws the median and the 2.5 / 97.5 percentiles are reported.
+
+The steps are ``cxrserve site calibrate``'s for a binary output, applied to the positive label's
+probability one-vs-rest (the targets are about it): Platt scaling with its weak prior towards the
+identity (:func:`~cxrserve.tools.site.fitting.fit_platt`; its intercept is what moves the prior,
+so no separate prior step is fitted) and the operating point for the sensitivity target, or the
+specificity one where the drawn films have no positive
+(:func:`~cxrserve.tools.site.fitting.threshold_for`), kept at the served call where the drawn films have
+no positive and the served call already meets the specificity target on them. The multi-class step, one temperature, is
+not used: it cannot move a prior, so on a site whose films are all COVID-19 and a model whose
+argmax is another class it only flattens the softmax (a first run gave T -> 20, p ~ 1/3, ECE 0.69
+at every N). The EM prior shift needs unlabelled films, which this experiment does not draw.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from cxrserve.core.site_profile import adjust, decide
-from cxrserve.tools.site.calibrate import fit_steps
-from cxrserve.tools.site.config import SiteFile, Target
-from cxrserve.tools.site.models import Output
-from cxrserve.tools.site.scoring import FamilyScores
+from cxrserve.core.site_profile import platt
+from cxrserve.tools.site.fitting import fit_platt, threshold_for
 from cxrserve.training.metrics import expected_calibration_error
 
 SENSITIVITY, SPECIFICITY, MAX_ECE = 0.90, 0.80, 0.05
@@ -37,20 +42,17 @@ def patient_draw(groups, n: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     return np.array(sorted(fit), dtype=np.int64), np.flatnonzero(~np.isin(g, used))
 
 
-def _family(meta: dict, probs: np.ndarray, truth: np.ndarray) -> tuple[FamilyScores, SiteFile]:
-    labels = tuple(meta["labels"])
-    Y = np.zeros((truth.size, len(labels)))
-    Y[np.arange(truth.size), truth] = 1.0
-    served = np.zeros(probs.shape, dtype=bool)
-    served[np.arange(truth.size), probs.argmax(1)] = True
-    output = Output(family=meta["family"], model=meta["model"], kind="multiclass", labels=labels,
-                    read=lambda r: {})
-    fs = FamilyScores(output=output, archive=None, probs=probs, served_positive=served, truth=Y, labels=labels)
-    pos = meta["positive"]
-    site = SiteFile(name="loso", labels={}, targets=(
-        Target(f"{meta['family']}.{pos}.sensitivity", meta["family"], pos, "sensitivity", SENSITIVITY),
-        Target(f"{meta['family']}.{pos}.specificity", meta["family"], pos, "specificity", SPECIFICITY)))
-    return fs, site
+def fit_site(p, y, served) -> dict:
+    """Platt parameters and the operating point fitted on one draw's films (``p``: the positive
+    label's probability, ``y``: 0/1, ``served``: the served call). Without a positive among them
+    the specificity target is a floor: the served call is kept where it meets it on these films."""
+    a, b = fit_platt(p, y)
+    q = platt(p, a, b)
+    if np.any(y == 1):
+        return {"a": a, "b": b, "threshold": threshold_for(y, q, "sensitivity", SENSITIVITY), "metric": "sensitivity"}
+    if np.mean(~np.asarray(served, bool)) >= SPECIFICITY:
+        return {"a": a, "b": b, "threshold": None, "metric": "served (meets the specificity floor)"}
+    return {"a": a, "b": b, "threshold": threshold_for(y, q, "specificity", SPECIFICITY), "metric": "specificity"}
 
 
 def judge(meta: dict, q: np.ndarray, called: np.ndarray, truth: np.ndarray) -> dict:
@@ -63,16 +65,18 @@ def judge(meta: dict, q: np.ndarray, called: np.ndarray, truth: np.ndarray) -> d
 
 
 def one_draw(meta: dict, probs, truth, fit, held) -> dict:
-    fs, site = _family(meta, probs, truth)
     j = list(meta["labels"]).index(meta["positive"])
+    y = (np.asarray(truth) == j).astype(int)
+    p = np.asarray(probs, float)[:, j]
     before = judge(meta, probs[held], probs[held].argmax(1) == j, truth[held])
-    fam = fit_steps(fs, site, probs[fit], fs.truth[fit], probs[fit])["operating_points"]
-    q = adjust(fam, probs[held])
-    called = np.array([decide(fam, row)[0] == meta["positive"] for row in q], dtype=bool)
+    served = np.asarray(probs).argmax(1) == j
+    steps = fit_site(p[fit], y[fit], served[fit])
+    q = probs[held].copy()
+    q[:, j] = platt(p[held], steps["a"], steps["b"])
+    called = served[held] if steps["threshold"] is None else q[:, j] >= steps["threshold"]
     after = judge(meta, q, called, truth[held])
     return {"before": before, "after": after, "fit_films": int(fit.size), "scored_films": int(held.size),
-            "temperature": (fam.calibration or {}).get("T"),
-            "operating_point": {c: v["metric"] for c, v in (fam.thresholds or {}).items()}}
+            "platt": [steps["a"], steps["b"]], "operating_point": {meta["positive"]: steps["metric"]}}
 
 
 def _summary(values) -> dict:
@@ -102,7 +106,8 @@ def curve(meta: dict, probs, truth, groups, ns=(10, 20, 50), draws: int = 50, se
                        "scored_films": _summary([r["scored_films"] for r in runs]),
                        **{side: {m: _summary([r[side][m] for r in runs]) for m in ("sensitivity", "specificity", "ece")}
                           for side in ("before", "after")},
-                       "temperature": _summary([r["temperature"] for r in runs]),
+                       "platt_a": _summary([r["platt"][0] for r in runs]),
+                       "platt_b": _summary([r["platt"][1] for r in runs]),
                        "operating_point": dict(sorted({f"{c}:{m}": sum(1 for r in runs if r["operating_point"].get(c) == m)
                                                        for r in runs for c, m in r["operating_point"].items()}.items()))}
     return out

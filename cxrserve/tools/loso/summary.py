@@ -102,7 +102,7 @@ def plot(summary: dict, path: str | Path) -> None:
 
     metrics = [("sensitivity", "COVID-19 sensitivity", SENSITIVITY, True), ("specificity", "COVID-19 specificity",
                SPECIFICITY, True), ("ece", "ECE (COVID-19 probability)", MAX_ECE, False)]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), dpi=80)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.7), dpi=80)
     for ax, (key, title, target, higher) in zip(axes, metrics):
         for k, (site, s) in enumerate(summary["sites"].items()):
             xs, med, lo, hi = [], [], [], []
@@ -117,15 +117,16 @@ def plot(summary: dict, path: str | Path) -> None:
                 continue
             x = np.array(xs) + (k - 1.5) * 0.6
             ax.errorbar(x, med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], marker="o", ms=3, capsize=2,
-                        lw=1, label=site)
+                        lw=1, color=f"C{k}", label=site)
         ax.axhline(target, color="grey", ls="--", lw=0.8)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("labelled films of the left-out site (0 = served)", fontsize=8)
         ax.set_xticks([0, 10, 20, 50])
         ax.set_ylim(0, 1.02 if higher else max(0.3, ax.get_ylim()[1]))
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(list(handles.values()), list(handles), fontsize=7, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
