@@ -26,12 +26,13 @@ store: install
 DATA ?= ../shared/data
 REAL_STORE ?= model_store_real
 BUDGET ?=
-# LOSO=1 first runs the leave-one-site-out folds (LOSO_BUDGET seconds of training per fold) into
+# LOSO=1 first runs the leave-one-site-out folds (3 epochs of 50 steps, at most LOSO_BUDGET s each) into
 # build-real/loso; the card fragment then carries their tables (docs/MODEL_CARD.md, Leave-one-site-out).
 LOSO ?=
-LOSO_BUDGET ?= 300
+LOSO_BUDGET ?= 600
 real-store: install
-	$(if $(LOSO),$(PY) -m cxrserve loso $(DATA) --out build-real/loso --budget $(LOSO_BUDGET) --quiet &&) \
+	$(if $(LOSO),$(PY) -m cxrserve loso $(DATA) --out build-real/loso --budget $(LOSO_BUDGET) \
+	  --set epochs=3 steps_per_epoch=50 max_val=150 --quiet &&) \
 	$(PY) -m cxrserve store build --recipe training/real.yaml --data $(DATA) --store $(REAL_STORE) \
 	  --work build-real $(if $(BUDGET),--budget $(BUDGET))
 
