@@ -144,16 +144,12 @@ class CXRHandler(BaseHandler):
         return self.pipeline.make_items(parsed)
 
     def _attach_monitor(self, config: dict) -> None:
-        """The drift monitor (:mod:`cxrserve.core.monitor`) as a pipeline observer (a pipeline without
-        ``observers`` gets it called from :meth:`inference` instead), and a shadow candidate
-        (:mod:`cxrserve.core.shadow`) when a shadow store is configured."""
+        """The drift monitor (:mod:`cxrserve.core.monitor`) as a pipeline observer, and a shadow
+        candidate (:mod:`cxrserve.core.shadow`) when a shadow store is configured."""
         from cxrserve.core import monitor
 
-        self.monitor = None
         try:
-            attached = monitor.attach(self.pipeline, config)
-            if attached is not None and getattr(self.pipeline, "observers", None) is None:
-                self.monitor = attached
+            monitor.attach(self.pipeline, config)
             from cxrserve.core.loading import load_pipeline
             from cxrserve.core.shadow import attach_shadow
 
@@ -164,10 +160,7 @@ class CXRHandler(BaseHandler):
             log.warning("drift monitor not attached", exc_info=True)
 
     def inference(self, items: list[Item | CXRInputError], *args, **kwargs) -> list[dict | CXRInputError]:
-        results = self.pipeline.predict(items)
-        if self.monitor is not None:  # a pipeline without observers: the monitor swallows its own errors
-            self.monitor(self.pipeline, items, results)
-        return results
+        return self.pipeline.predict(items)
 
     def postprocess(self, results: list[dict | CXRInputError]) -> list[dict]:
         responses = []
