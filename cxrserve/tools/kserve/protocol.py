@@ -54,12 +54,14 @@ def option_datatype(default: Any) -> str:
 def model_inputs(pipeline) -> list[dict]:
     """A pipeline's v2 inputs: ``image``, its extra images, one per option (what it declares)."""
     from cxrserve.core.pipeline import FULL_RESOLUTION
+    from cxrserve.core.sites import SITE_OPTION
 
     inputs = [{"name": "image", "datatype": "BYTES", "shape": [1]}]
     inputs += [{"name": name, "datatype": "BYTES", "shape": [1]} for name in pipeline.extra_images]
     inputs += [{"name": key, "datatype": option_datatype(opt.default), "shape": [1]}
                for key, opt in pipeline.OPTIONS.items()]
     inputs.append({"name": FULL_RESOLUTION, "datatype": "BOOL", "shape": [1]})  # every pipeline's
+    inputs.append({"name": SITE_OPTION, "datatype": "BYTES", "shape": [1]})  # every pipeline's (a site name)
     return inputs
 
 
