@@ -254,3 +254,33 @@ def test_reference_beside_the_site_profile(tmp_path):
     mon(FakePipeline(), [phantom_item(i, Site()) for i in range(5)], [{"probabilities": {"a": .5, "b": .5}}] * 5)
     (snap,) = mon.snapshot()
     assert snap["site"] == "stmary" and snap["threshold"] is not None and "combined" in snap["scores"]
+
+
+def test_a_new_detector_moves_the_header_mix():
+    """Manufacturer, model and pixel spacing come from the DICOM header into the header mix (never into
+    a response), so a site that swaps a detector alerts on them even when the images look alike."""
+    from cxrserve.synthetic.dicomwrite import to_dicom
+    from cxrserve.synthetic.phantoms import render, sample_spec
+
+    img = render(sample_spec(3, height=256, width=256)).image
+    old = decode(to_dicom(img, tags={"Manufacturer": "Acme", "ManufacturerModelName": "DR-1",
+                                     "ImagerPixelSpacing": [0.139, 0.139]}))
+    new = decode(to_dicom(img, tags={"Manufacturer": "Other", "ManufacturerModelName": "X9",
+                                     "ImagerPixelSpacing": [0.2, 0.2]}))
+    assert (old.manufacturer, old.device_model, old.pixel_spacing_mm) == ("ACME", "DR-1", 0.139)  # header text, upper case
+    assert "manufacturer" not in json.dumps(old.info())
+    h_old, h_new = M.image_features(old)[0], M.image_features(new)[0]
+    assert (h_old["manufacturer"], h_old["device_model"], h_old["spacing"]) == ("ACME", "DR-1", "<0.15")
+    assert (h_new["manufacturer"], h_new["device_model"], h_new["spacing"]) == ("OTHER", "X9", "<0.3")
+    rng = np.random.default_rng(7)
+
+    def records(header, n):
+        recs = fake_records(n, rng)
+        for r in recs:
+            r.header = {**r.header, **{k: header[k] for k in ("manufacturer", "device_model", "spacing")}}
+        return recs
+
+    ref = M.fit_reference(records(h_old, 300), window=50, target_rate=1e-3, resamples=300)
+    swapped = ref.scores(records(h_new, 50))
+    assert swapped["header.manufacturer"] > ref.threshold and swapped["combined"] > ref.threshold
+    assert ref.scores(records(h_old, 50))["combined"] <= ref.threshold

@@ -88,6 +88,11 @@ class XRay:
     #: (width, height) as stored when ``pixels`` was decoded at reduced resolution
     #: (``decode(..., target=N)``, :mod:`cxrserve.core.fastdecode`); None: ``pixels`` is full size
     original_size: tuple[int, int] | None = None
+    #: acquisition facts the drift monitor watches (a new detector, a software update at the
+    #: modality); never part of a response. "" / 0.0: unknown or a raster
+    manufacturer: str = ""
+    device_model: str = ""
+    pixel_spacing_mm: float = 0.0
 
     @property
     def height(self) -> int:
@@ -417,7 +422,22 @@ def _dicom_xray(ds, pixels: np.ndarray, photometric: str, bits_stored: int, warn
         warnings=warn,
         sop_class_uid=str(ds.get("SOPClassUID", "") or "").strip(),
         colour_sample=colour,
+        manufacturer=_text(ds, "Manufacturer")[:64],
+        device_model=_text(ds, "ManufacturerModelName")[:64],
+        pixel_spacing_mm=_spacing(ds),
     )
+
+
+def _spacing(ds) -> float:
+    """Row spacing in mm at the detector (ImagerPixelSpacing, else PixelSpacing); 0.0 if absent or odd."""
+    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+        try:
+            value = float(ds.get(keyword)[0])
+        except (TypeError, ValueError, IndexError, KeyError):
+            continue
+        if 0 < value < 10:
+            return value
+    return 0.0
 
 
 def _colour_dicom_to_grey(ds, arr: np.ndarray, photometric: str) -> tuple[np.ndarray, np.ndarray | None]:

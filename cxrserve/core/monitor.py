@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 #: Site of studies that name none.
 DEFAULT_SITE = "default"
 #: Header facts whose mix is watched (``XRay`` attributes; ``size`` is a bin of the longer side).
-HEADER_FIELDS = ("format", "modality", "photometric", "view", "bits", "size")
+HEADER_FIELDS = ("format", "modality", "photometric", "view", "bits", "size", "manufacturer", "device_model",
+                 "spacing")
 #: Image statistics (of the strided uint8 copy, 0..1): mean, spread, 5th/95th percentiles, aspect.
 IMAGE_STATS = ("mean", "std", "p05", "p95", "aspect")
 #: Side of the block-mean thumbnail the embedding is made from (EMBED_SIDE² values).
@@ -67,6 +68,16 @@ REFERENCE_FORMAT = "cxrserve-monitor-reference/1"
 #: File name of a reference beside a site profile (``<profile dir>/monitor/<model>.json``) or in an archive.
 REFERENCE_FILE = "monitor_reference.json"
 _STRIDE_SIDE = 128
+
+
+def _spacing_bin(mm: float) -> str:
+    """Pixel spacing in coarse bins (detectors differ in steps of ~0.05 mm): a new detector moves bins."""
+    if not mm:
+        return "-"
+    for edge in (0.1, 0.125, 0.15, 0.175, 0.2, 0.3):
+        if mm < edge:
+            return f"<{edge:g}"
+    return ">=0.3"
 
 
 def _size_bin(longer: int) -> str:
@@ -112,7 +123,10 @@ def image_features(xray) -> tuple[dict[str, str], list[float], list[float], byte
     full = getattr(xray, "full_size", (w, h))
     header = {"format": str(xray.format), "modality": str(xray.modality or "-"),
               "photometric": str(xray.photometric or "-"), "view": str(xray.view or "-"),
-              "bits": str(int(xray.bits_stored)), "size": _size_bin(max(full))}
+              "bits": str(int(xray.bits_stored)), "size": _size_bin(max(full)),
+              "manufacturer": str(getattr(xray, "manufacturer", "") or "-")[:64],
+              "device_model": str(getattr(xray, "device_model", "") or "-")[:64],
+              "spacing": _spacing_bin(float(getattr(xray, "pixel_spacing_mm", 0.0) or 0.0))}
     q = np.percentile(small, (5, 95))
     stats = [float(small.mean()), float(small.std()), float(q[0]), float(q[1]),
              float(min(full) / max(1, max(full)))]
