@@ -284,3 +284,29 @@ def test_a_new_detector_moves_the_header_mix():
     swapped = ref.scores(records(h_new, 50))
     assert swapped["header.manufacturer"] > ref.threshold and swapped["combined"] > ref.threshold
     assert ref.scores(records(h_old, 50))["combined"] <= ref.threshold
+
+
+def test_embedding_comes_from_the_gate_network(pipeline):
+    """The image embedding is the features the archive's gate classifier reads (its ONNX graph's
+    pooled layer), the same in the observer's thread and in the reference tools; a reference of
+    another kind of embedding skips that signal instead of comparing unlike vectors."""
+    from cxrserve.core.drift_embedding import THUMBNAIL, gate_embedder
+    from cxrserve.synthetic.phantoms import render, sample_spec
+    from tsutil import png
+
+    p = pipeline("cxr-triage")
+    films = [png(render(sample_spec(i, height=256, width=256)).image) for i in range(6)]
+    items = p.make_items([({"image": f}, {}) for f in films])
+    results = p.predict(items)
+    recs = M.make_records(p, items, results)
+    assert gate_embedder(p) is not None and recs[0].embedding_source.startswith("gate:")
+    assert len(recs[0].embedding) == 64 and np.std(recs[0].embedding) > 0
+    # what the observer's thread computes later equals what the tools compute now
+    mon = M.Monitor(sync=True)
+    later = M.make_records(p, items, results, embed=False)
+    assert {r.embedding_source for r in later} == {THUMBNAIL}
+    mon._embed_and_consume(later, M.pending_embeddings(p, items, later))
+    assert [r.embedding for r in later] == [r.embedding for r in recs]
+    thumb = M.fit_reference(fake_records(200, np.random.default_rng(2)), window=50, resamples=100)
+    assert thumb.embedding["source"] == THUMBNAIL
+    assert "embedding" not in thumb.statistics(recs)  # gate features are not compared with thumbnails

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from cxrserve.core.drift_embedding import THUMBNAIL
 from cxrserve.core.drift_record import EMBED_DIMS, HEADER_FIELDS, IMAGE_STATS, Record
 
 #: Reference format this code reads.
@@ -127,9 +129,11 @@ class Reference:
                 continue
             if win:
                 out[name] = ks(np.asarray(ref), np.asarray(win, dtype=np.float64))
-        emb = [r.embedding for r in decoded if r.embedding]
-        if emb and self.embedding:
-            e = self.embedding
+        e = self.embedding
+        source = e.get("source", THUMBNAIL) if e else None
+        emb = [r.embedding for r in decoded if r.embedding and (r.embedding_source or THUMBNAIL) == source
+               and len(r.embedding) == len(e["mean"])]
+        if emb and e:
             x = (np.asarray(emb, np.float64) - np.asarray(e["mean"])) @ np.asarray(e["components"]).T
             out["embedding"] = mmd2(np.asarray(e["points"]), x, e["gamma"], e["k_rr"])
         return out
@@ -185,7 +189,10 @@ def _describe(fit: list[Record], rng: np.random.Generator, max_points: int = 200
     for k, vals in keys.items():
         continuous[f"score.{k}"] = sorted(vals)
     embedding: dict = {}
-    emb = np.asarray([r.embedding for r in decoded if r.embedding], np.float64)
+    sources = Counter(r.embedding_source or THUMBNAIL for r in decoded if r.embedding)
+    source = sources.most_common(1)[0][0] if sources else THUMBNAIL  # one kind of embedding per reference
+    emb = [r.embedding for r in decoded if r.embedding and (r.embedding_source or THUMBNAIL) == source]
+    emb = np.asarray([e for e in emb if len(e) == len(emb[0])] if emb else [], np.float64)
     if len(emb) >= 4:
         mean = emb.mean(0)
         _, _, vt = np.linalg.svd(emb - mean, full_matrices=False)
@@ -198,7 +205,7 @@ def _describe(fit: list[Record], rng: np.random.Generator, max_points: int = 200
         gamma = 1.0 / med
         k_rr = float(np.exp(-gamma * d).mean())
         embedding = {"mean": mean.tolist(), "components": comps.tolist(), "points": pts.tolist(),
-                     "gamma": gamma, "k_rr": k_rr}
+                     "gamma": gamma, "k_rr": k_rr, "source": source}
     return categorical, continuous, embedding
 
 

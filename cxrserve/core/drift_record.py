@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cxrserve.core.drift_embedding import THUMBNAIL, apply_embeddings, pending_embeddings
+
 #: Site of studies that name none.
 DEFAULT_SITE = "default"
 #: Header facts whose mix is watched (``XRay`` attributes; ``size`` is a bin of the longer side).
@@ -65,6 +67,8 @@ class Record:
     probs: dict[str, float] = field(default_factory=dict)  # the first score map, for the estimate
     key: str = ""  # keyed hash of the SOP Instance UID hash (DICOM) or of the strided pixels
     t: float = 0.0
+    #: what made ``embedding``: ``gate:<weights digest>`` (cxrserve.core.drift_embedding) or ``thumbnail``
+    embedding_source: str = ""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -130,8 +134,12 @@ def study_key(secret: bytes, xray=None, *, instance_hash: str = "", pixel_digest
     return hmac.new(secret, material, hashlib.sha256).hexdigest()[:24]
 
 
-def make_records(pipeline, items: list, results: list, secret: bytes = b"") -> list[Record]:
-    """One record per study of a scored batch (``items`` and ``results`` aligned)."""
+def make_records(pipeline, items: list, results: list, secret: bytes = b"", *, embed: bool = True) -> list[Record]:
+    """One record per study of a scored batch (``items`` and ``results`` aligned).
+
+    ``embed``: replace each image's thumbnail embedding by the gate's features now (references,
+    tools); the observer leaves that to the monitor's thread (:mod:`cxrserve.core.drift_embedding`).
+    """
     from cxrserve.core.errors import CXRInputError
 
     model = str(getattr(pipeline, "name", "") or "unknown")
@@ -151,6 +159,7 @@ def make_records(pipeline, items: list, results: list, secret: bytes = b"") -> l
         xray = getattr(item, "xray", None)
         if xray is not None:
             rec.header, rec.stats, rec.embedding, digest = image_features(xray)
+            rec.embedding_source = THUMBNAIL
             rec.key = study_key(secret, xray, pixel_digest=digest)
             gate = getattr(item, "gate", None)
             if isinstance(gate, dict) and "score" in gate:
@@ -165,6 +174,8 @@ def make_records(pipeline, items: list, results: list, secret: bytes = b"") -> l
             if rec.probs:
                 rec.label = max(rec.probs, key=rec.probs.get)
         out.append(rec)
+    if embed:
+        apply_embeddings(out, *pending_embeddings(pipeline, items, out))
     return out
 
 

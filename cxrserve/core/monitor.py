@@ -46,6 +46,7 @@ from pathlib import Path
 # the monitor's public API too (tools and tests use ``monitor.Reference``, ``monitor.Record``, ...).
 from cxrserve.core.drift import (REFERENCE_FILE, REFERENCE_FORMAT, Reference, category_counts, estimate,  # noqa: F401
                                  fit_reference, ks, mmd2, psi, tvd)
+from cxrserve.core.drift_embedding import apply_embeddings, pending_embeddings  # noqa: F401 (tests)
 from cxrserve.core.drift_record import (DEFAULT_SITE, EMBED_DIMS, EMBED_SIDE, HEADER_FIELDS, IMAGE_STATS,  # noqa: F401
                                         MAX_SCORES, Record, image_features, make_records, study_key)
 
@@ -157,17 +158,19 @@ class Monitor:
                 if getattr(site, "path", None) is not None and getattr(site, "name", None):
                     folder = Path(site.path)  # the profile's profile.json (or its folder)
                     self._profile_dirs.setdefault(site.name, folder.parent if folder.suffix == ".json" else folder)
-            records = make_records(pipeline, items, results, self.secret)
+            records = make_records(pipeline, items, results, self.secret, embed=False)
+            # the gate's preprocessing here (a resize), its network on the monitor's thread
+            pending = pending_embeddings(pipeline, items, records)
         except Exception:
             self.errors += 1
             log.debug("monitor could not read a batch", exc_info=True)
             return
         if self.sync:
-            self.consume(records)
+            self._embed_and_consume(records, pending)
             return
         self._ensure_thread()
         try:
-            self.queue.put_nowait(records)
+            self.queue.put_nowait((records, pending))
         except queue.Full:
             self.dropped += len(records)
 
@@ -178,14 +181,22 @@ class Monitor:
 
     def _run(self) -> None:
         while True:
-            records = self.queue.get()
+            records, pending = self.queue.get()
             try:
-                self.consume(records)
+                self._embed_and_consume(records, pending)
             except Exception:
                 self.errors += 1
                 log.debug("monitor could not score a window", exc_info=True)
             finally:
                 self.queue.task_done()
+
+    def _embed_and_consume(self, records, pending) -> None:
+        try:
+            apply_embeddings(records, *pending)
+        except Exception:  # the thumbnails stay: the embedding signal then waits for a like reference
+            self.errors += 1
+            log.debug("monitor could not embed a batch", exc_info=True)
+        self.consume(records)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until queued records are scored (tests, CLI)."""
