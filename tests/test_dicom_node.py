@@ -265,6 +265,37 @@ def test_calling_ae_title_picks_the_site(tmp_path, orthanc, model_store):
         n.stop()
 
 
+def test_candidate_store_runs_in_shadow_at_the_node(tmp_path, orthanc, model_store, monkeypatch):
+    """A candidate store set for the node (``$CXRSERVE_SHADOW_STORE``) scores every study beside the
+    active model; its answers are recorded for ``cxrserve monitor compare`` and never delivered."""
+    from cxrserve.tools.monitor.shadow import compare
+
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    (candidate / "cxr-study.mar").symlink_to(model_store / "cxr-study.mar")
+    monkeypatch.setenv("CXRSERVE_SHADOW_STORE", str(candidate))
+    monkeypatch.setenv("CXRSERVE_MONITOR_DIR", str(tmp_path / "monitor"))
+    port = free_port()
+    path = write_config(tmp_path / "shadow", port, orthanc, qr=False, destinations=(
+        f"  - {{name: pacs, kind: cstore, host: 127.0.0.1, port: {orthanc.dicom_port}, ae_title: ORTHANC}}"),
+        scorer=f"scorer: {{kind: in_process, archive: {model_store / 'cxr-study.mar'}, device: cpu}}\n")
+    n = Node(load_config(path))
+    n.start()
+    try:
+        study = "1.2.826.0.1.3680043.8.498.7801"
+        data = phantom_dicom(71, StudyInstanceUID=study, SOPInstanceUID=f"{study}.1")
+        assert send(tmp_path, "shadow.dcm", data, port=port).returncode == 0
+        assert final_line(n, f"{study}.1")["outcome"] == "done"
+        assert len(results_in(orthanc, study)["sr"]) == 1  # the active answer only
+        report = wait_for(lambda: compare(tmp_path / "monitor", "default", "cxr-study") or None, 60,
+                          "the shadow's record")
+        (version,) = report
+        assert report[version]["studies"] == 1 and report[version]["both_answered"] == 1
+        assert report[version]["agreement"] == 1.0  # the same weights as candidate: the same label
+    finally:
+        n.stop()
+
+
 def test_stowrs_to_orthanc_dicomweb(tmp_path, orthanc, recording):
     port = free_port()
     cfg = load_config(write_config(tmp_path / "stow", port, orthanc, qr=False, destinations=(

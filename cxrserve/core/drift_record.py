@@ -117,11 +117,19 @@ def _flat_scores(result: dict, score_maps: tuple[str, ...]) -> dict[str, float]:
 
 
 def _first_map(result: dict, score_maps: tuple[str, ...]) -> dict[str, float]:
+    """The answer's first ``{label: probability}`` map; a composed answer's (``results``: one
+    section per model) is its first section's that has one, labels prefixed ``<section>.``."""
     for name in score_maps:
         value = result.get(name)
         if isinstance(value, dict) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                      for v in value.values()):
             return {str(k): float(v) for k, v in value.items()}
+    sections = result.get("results")
+    if isinstance(sections, dict):
+        for key, section in sections.items():
+            found = _first_map(section, score_maps) if isinstance(section, dict) and "results" not in section else {}
+            if found:
+                return {f"{key}.{k}": v for k, v in found.items()}
     return {}
 
 
