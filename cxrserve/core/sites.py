@@ -72,10 +72,20 @@ class SiteOutput:
     threshold: str | None = None
 
 
+#: digests of the profiles this process loaded, by identity (a profile is immutable once loaded)
+_DIGESTS: dict[int, tuple[SiteProfile, str]] = {}
+
+
 def profile_digest(profile: SiteProfile) -> str:
-    """Which profile answered: the first :data:`DIGEST_CHARS` hex of ``profile.json``'s sha256."""
+    """Which profile answered: the first :data:`DIGEST_CHARS` hex of the sha256 of its content
+    (computed once per loaded profile: a profile with its cross-validation tables is ~50 KB)."""
+    known = _DIGESTS.get(id(profile))
+    if known is not None and known[0] is profile:
+        return known[1]
     raw = json.dumps(profile.raw, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(raw).hexdigest()[:DIGEST_CHARS]
+    digest = hashlib.sha256(raw).hexdigest()[:DIGEST_CHARS]
+    _DIGESTS[id(profile)] = (profile, digest)
+    return digest
 
 
 class SiteBook:
