@@ -166,9 +166,9 @@ class SiteBook:
             raise SiteProfileRefused(self.refused[text])
         if text not in self.profiles:
             shown = text if _NAME.match(text) else "(not a site name)"
-            known = ", ".join(sorted(self.profiles)) or "none installed"
-            raise MalformedInput(f"unknown site {shown!r}: this store's sites are {known} "
-                                 "(cxrserve site install DIR --store STORE)")
+            known = (f"this store's sites are {', '.join(sorted(self.profiles))}" if self.profiles
+                     else "this store has no site profiles installed")
+            raise MalformedInput(f"unknown site {shown!r}: {known} (cxrserve site install DIR --store STORE)")
         return self.profiles[text]
 
     def describe(self) -> dict:
