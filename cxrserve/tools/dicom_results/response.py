@@ -87,3 +87,42 @@ def result_pictures(response: dict, segmentations: bool) -> list[tuple[str, str,
         if (picture.segment is not None) == segmentations and section_ok(section) and section.get(picture.field):
             out.append((kind, key, section, picture))
     return out
+
+
+#: A section's values as served before its site profile calibrated them (``cxrserve.core.sites``).
+UNCALIBRATED = "uncalibrated"
+
+
+def report_values(report: Report, section: dict):
+    """Each item a section's report declares, with its value: ``(declared, concept, value, unit,
+    method)``, the one walk the SR and the HL7/FHIR messages share.
+
+    ``value`` is the number (``Num``, ``NumEach``) or the answer's concept (``Coded``); ``unit`` is
+    None for a coded item. A section calibrated with a site profile (it has ``uncalibrated``) gives
+    each item calibration changed twice, ``method`` ``"site_calibrated"`` then ``"uncalibrated"``
+    (keys of the shared code table); everything else once, with ``method`` None.
+    """
+    from cxrserve.core.family import Coded, Num, NumEach, import_object
+
+    before = section.get(UNCALIBRATED)
+    views = [(section, None)]
+    if isinstance(before, dict) and before:
+        views = [(section, set(before)), ({**section, **before}, set(before))]
+    for index, (view, changed) in enumerate(views):
+        for item in report.items:
+            if getattr(item, "when", "") and not at(view, item.when, None):
+                continue
+            touched = changed is not None and item.field.split(".")[0] in changed
+            if index and not touched:
+                continue  # the uncalibrated pass gives only what calibration changed
+            method = ("uncalibrated" if index else "site_calibrated") if touched else None
+            if isinstance(item, Num):
+                value = at(view, item.field, None) if item.optional else at(view, item.field)
+                if not (item.optional and value is None):
+                    yield item, item.concept, value, item.unit, method
+            elif isinstance(item, Coded):
+                yield item, item.concept, item.values[at(view, item.field)], None, method
+            elif isinstance(item, NumEach):
+                coder = import_object(item.coder)
+                for name, value in (at(view, item.field, None) or {}).items():
+                    yield item, coder(name), value, item.unit, method

@@ -6,19 +6,17 @@ import logging
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from cxrserve.core.family import NO_UNITS, Coded, Num, NumEach, Report, import_object
+from cxrserve.core.family import NO_UNITS, Coded, Report
 from cxrserve.tools.dicom_results.codes import (CODES, MANUFACTURER, PRIORITY_LEVELS, RESEARCH_NOTICE,
                                                 add_coding_scheme, code, gate_code)
 from cxrserve.tools.dicom_results.identity import SR_SERIES_NUMBER, result_uid
-from cxrserve.tools.dicom_results.response import NotProcessed, at, is_demo, reported_sections, section_ok
+from cxrserve.tools.dicom_results.response import (NotProcessed, is_demo, report_values, reported_sections,
+                                                   section_ok)
 
 log = logging.getLogger(__name__)
 
 
-#: What a section served under a site profile carries besides its calibrated values (the
-#: serving core adds them to any family): the values as served before calibration, and which
-#: profile and operating point made the difference.
-UNCALIBRATED = "uncalibrated"
+#: Which profile and operating point calibrated a section (the serving core adds them to any family).
 SITE_FACTS = (("site", "site"), ("operating_point", "operating point"), ("site_profile", "site profile"))
 
 
@@ -61,28 +59,12 @@ def _family_items(report: Report, s: dict, algorithm) -> tuple[list, list]:
     Measurement Method "Model output before site calibration".
     """
     m, q = [], []
-    before = s.get(UNCALIBRATED)
-    views = [(s, None)]
-    if isinstance(before, dict) and before:
-        views = [(s, set(before)), ({**s, **before}, set(before))]
-    for index, (view, changed) in enumerate(views):
-        for item in report.items:
-            if getattr(item, "when", "") and not at(view, item.when, None):
-                continue
-            touched = changed is not None and item.field.split(".")[0] in changed
-            if index and not touched:
-                continue  # the uncalibrated pass gives only what calibration changed
-            method = (CODES["uncalibrated"] if index else CODES["site_calibrated"]) if touched else None
-            if isinstance(item, Num):
-                value = at(view, item.field, None) if item.optional else at(view, item.field)
-                if not (item.optional and value is None):
-                    m.append(_m(code(item.concept), value, code(item.unit), algorithm, method))
-            elif isinstance(item, Coded):
-                q.append(_q(code(item.concept), code(item.values[at(view, item.field)]), method))
-            elif isinstance(item, NumEach):
-                coder = import_object(item.coder)
-                for name, value in (at(view, item.field, None) or {}).items():
-                    m.append(_m(code(coder(name)), value, code(item.unit), algorithm, method))
+    for declared, concept, value, unit, method in report_values(report, s):
+        method = CODES[method] if method else None
+        if isinstance(declared, Coded):
+            q.append(_q(code(concept), code(value), method))
+        else:
+            m.append(_m(code(concept), value, code(unit), algorithm, method))
     q.append(_q(CODES["research_use"], CODES["yes"]))
     q.append(_q(CODES["demo_weights"], CODES["yes"] if is_demo(s) else CODES["no"]))
     return m, q

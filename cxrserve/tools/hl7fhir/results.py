@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
-from cxrserve.core.family import NO_UNITS, PRIVATE_SCHEME, Coded, Concept, Num, NumEach, import_object
+from cxrserve.core.family import NO_UNITS, PRIVATE_SCHEME, Coded, Concept, NumEach
 from cxrserve.tools.dicom_results.codes import CODES, RESEARCH_NOTICE, gate_code
 from cxrserve.tools.dicom_results.codes import PRIORITY_LEVELS as SR_PRIORITY_LEVELS
 from cxrserve.tools.dicom_results.identity import result_uid
-from cxrserve.tools.dicom_results.response import (NotProcessed, at, is_demo, not_processed_reason,
+from cxrserve.tools.dicom_results.response import (NotProcessed, is_demo, not_processed_reason, report_values,
                                                    reported_sections, section_ok)
 
 def concept(code) -> Concept:
@@ -45,8 +45,6 @@ PRIORITY = concept(CODES["priority"])
 PRIORITY_LEVELS = {level: concept(c) for level, c in SR_PRIORITY_LEVELS.items()}
 PRIORITY_REASON = concept(CODES["priority_reason"])
 NOT_ASSESSED = "not assessed"
-#: what a section served under a site profile carries: its values before calibration
-UNCALIBRATED = "uncalibrated"
 GATE_ALGORITHM = "cxr-input-gate"
 
 
@@ -195,28 +193,13 @@ def _section_items(report, section: dict) -> list[Item]:
     """The items of one section, as its family's report declares them (the SR's walk: a section
     calibrated with a site profile gives each item calibration changed twice, with its method)."""
     items = []
-    before = section.get(UNCALIBRATED)
-    views = [(section, None)]
-    if isinstance(before, dict) and before:
-        views = [(section, set(before)), ({**section, **before}, set(before))]
-    for index, (view, changed) in enumerate(views):
-        for declared in report.items:
-            if getattr(declared, "when", "") and not at(view, declared.when, None):
-                continue
-            touched = changed is not None and declared.field.split(".")[0] in changed
-            if index and not touched:
-                continue
-            method = concept(CODES["uncalibrated" if index else "site_calibrated"]) if touched else None
-            if isinstance(declared, Num):
-                value = at(view, declared.field, None) if declared.optional else at(view, declared.field)
-                if not (declared.optional and value is None):
-                    items.append(Item(declared.concept, number=float(value), unit=declared.unit, method=method))
-            elif isinstance(declared, Coded):
-                items.append(Item(declared.concept, coded=declared.values[at(view, declared.field)], method=method))
-            elif isinstance(declared, NumEach):
-                coder = import_object(declared.coder)
-                for name, value in (at(view, declared.field, None) or {}).items():
-                    items.append(Item(concept(coder(name)), number=float(value), unit=declared.unit, method=method))
+    for declared, item_concept, value, unit, method in report_values(report, section):
+        method = concept(CODES[method]) if method else None
+        if isinstance(declared, Coded):
+            items.append(Item(item_concept, coded=value, method=method))
+        else:
+            items.append(Item(concept(item_concept) if isinstance(declared, NumEach) else item_concept,
+                              number=float(value), unit=unit, method=method))
     return items
 
 
